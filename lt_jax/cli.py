@@ -1,0 +1,47 @@
+"""`lt-jax`: one entry point, one subcommand per stage.
+
+Each subcommand lives in the module that owns its stage and exposes two functions:
+`add_arguments(parser)` and `run(args) -> int`. This file only lists them, so adding a stage
+never touches another stage's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command, module, one-line help). Modules are imported only when their command runs.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("import-hf", "lt_jax.model.hf_cli", "Hugging Face folder -> Orbax checkpoint"),
+    ("export-hf", "lt_jax.model.hf_cli", "Orbax checkpoint -> Hugging Face folder"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lt-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module, _command=name)
+        _module_for(module).add_arguments(p, name) if _takes_name(module) else _module_for(module).add_arguments(p)
+    return parser
+
+
+def _module_for(module: str):
+    return importlib.import_module(module)
+
+
+def _takes_name(module: str) -> bool:
+    # Modules that serve several commands (hf_cli: import-hf and export-hf) take the command name.
+    return getattr(_module_for(module), "MULTI_COMMAND", False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    mod = _module_for(args._module)
+    return int(mod.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
