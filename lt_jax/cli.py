@@ -1,7 +1,8 @@
 """`lt-jax`: one entry point, one subcommand per stage.
 
 Each subcommand lives in the module that owns its stage and exposes two functions:
-`add_arguments(parser)` and `run(args) -> int`. This file only lists them, so adding a stage
+`add_arguments(parser, command)` and `run(args) -> int` (`args.command` names the subcommand, so
+one module can serve several). This file only lists them, so adding a stage
 never touches another stage's code.
 """
 
@@ -23,24 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module, _command=name)
-        _module_for(module).add_arguments(p, name) if _takes_name(module) else _module_for(module).add_arguments(p)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p, name)
     return parser
-
-
-def _module_for(module: str):
-    return importlib.import_module(module)
-
-
-def _takes_name(module: str) -> bool:
-    # Modules that serve several commands (hf_cli: import-hf and export-hf) take the command name.
-    return getattr(_module_for(module), "MULTI_COMMAND", False)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    mod = _module_for(args._module)
-    return int(mod.run(args) or 0)
+    return int(importlib.import_module(args._module).run(args) or 0)
 
 
 if __name__ == "__main__":
