@@ -12,7 +12,8 @@ import argparse
 import importlib
 import sys
 
-# (command, module, one-line help). Modules are imported only when their command runs.
+# (command, module, one-line help). Modules keep heavy imports (jax, torch) inside `run` so
+# that `lt-jax --help` stays quick.
 COMMANDS: list[tuple[str, str, str]] = [
     ("import-hf", "lt_jax.model.hf_cli", "Hugging Face folder -> Orbax checkpoint"),
     ("export-hf", "lt_jax.model.hf_cli", "Orbax checkpoint -> Hugging Face folder"),
