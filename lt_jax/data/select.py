@@ -1,0 +1,434 @@
+"""Selects SFT data from graded responses: DeepDistill rules, length, dedup, decontamination.
+
+`lt-jax select --in graded.jsonl --out sft.jsonl [--config select.yaml] [key=value ...] [--decontam PATH ...]`
+
+Two passes keep memory to one small `Candidate` per response: pass 1 reads every record, and the
+pure function `plan` decides for each response either "keep" or the ONE reason it is dropped; pass
+2 re-reads the input and writes the kept ones to sft.jsonl in input order. The report (console and
+JSON) gives records in, out and dropped per reason, and these always add up.
+
+Rules, in the order a response meets them (its first failing rule is its reason):
+ 1. bad input rows (counted by the reader), failed generations, superseded duplicates of a pair;
+ 2. decontamination (problem level): exact match after normalisation or a shared 13-gram with an
+    eval item; each hit reported with the benchmark item it matched;
+ 3. exact, then near-duplicate problems (MinHash-LSH, Jaccard >= near_threshold): the first
+    problem seen is kept; the prompt template every problem shares is stripped before comparing;
+ 4. response level: truncated (finish_reason "length", or thinking with no answer after it, as an
+    unclosed <think> leaves), length bounds;
+ 5. problem statistics over ALL its graded samples: stage I drops problems no sample passes
+    ("unsolved"), then the pass-rate band; problems whose CV exceeds `cv_threshold` keep only
+    passing responses; `only_passing` applies that to every problem;
+ 6. cap per problem (passing responses first, then by sample_index);
+ 7. stage II (`stage: 2`): the `stage2_count` (or `stage2_fraction`) highest-CV problems, one
+    passing response each (ties: lower pass rate, then input order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections import Counter, defaultdict
+from typing import Any, Iterator, Literal
+
+from lt_jax.data import dedup, formats, jsonl
+from lt_jax.data.grade import problem_key, problem_stats, whitespace_tokens
+from lt_jax.data.jsonl import DropLog
+
+GRADE_RULES = ("drop_unsolved", "cv_threshold", "only_passing", "min_pass_rate", "max_pass_rate", "stage")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Selection rules (YAML-able). Lengths count characters or `response_tokens` of the assistant text."""
+
+    drop_unsolved: bool = True
+    cv_threshold: float | None = 0.05
+    only_passing: bool = False
+    min_pass_rate: float = 0.0
+    max_pass_rate: float = 1.0
+    stage: int = 1
+    stage2_count: int | None = None
+    stage2_fraction: float | None = None
+    max_per_problem: int | None = None
+    drop_truncated: bool = True
+    min_chars: int | None = None
+    max_chars: int | None = None
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+    dedup_exact: bool = True
+    dedup_near: bool = True
+    near_threshold: float = 0.85
+    near_ngram: int = 5
+    num_perm: int = 128
+    strip_template: bool = True
+    decontam: tuple[str, ...] = ()
+    decontam_ngram: int = 13
+    decontam_boilerplate: int = 3
+    system_prompt: str | None = None
+    graded: bool = True
+    policy: Literal["skip", "strict"] = "skip"
+    layout: str = "auto"
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_pass_rate <= self.max_pass_rate <= 1.0:
+            raise ValueError(f"need 0 <= min_pass_rate <= max_pass_rate <= 1, got {self.min_pass_rate}, {self.max_pass_rate}")
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage == 2 and (self.stage2_count is None) == (self.stage2_fraction is None):
+            raise ValueError("stage 2 needs exactly one of stage2_count or stage2_fraction")
+        if self.stage2_fraction is not None and not 0.0 < self.stage2_fraction <= 1.0:
+            raise ValueError(f"stage2_fraction must be in (0, 1], got {self.stage2_fraction}")
+        if self.stage2_count is not None and self.stage2_count < 1:
+            raise ValueError(f"stage2_count must be >= 1, got {self.stage2_count}")
+        if self.max_per_problem is not None and self.max_per_problem < 1:
+            raise ValueError(f"max_per_problem must be >= 1, got {self.max_per_problem}")
+        if not 0.0 < self.near_threshold <= 1.0:
+            raise ValueError(f"near_threshold must be in (0, 1], got {self.near_threshold}")
+        if self.cv_threshold is not None and self.cv_threshold < 0:
+            raise ValueError(f"cv_threshold must be >= 0 or null, got {self.cv_threshold}")
+        if self.layout != "auto" and self.layout not in formats.LAYOUTS:
+            raise ValueError(f"layout must be auto or one of {formats.LAYOUTS}, got {self.layout!r}")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """What the planner needs to know about one response."""
+
+    key: tuple[str, int]
+    problem: str
+    verdict: bool | None = None
+    score: float | None = None
+    tokens: int = 0
+    chars: int = 0
+    truncated: bool = False
+    failed: bool = False
+
+
+@dataclasses.dataclass
+class Plan:
+    """The outcome: a drop reason per dropped key, kept keys, and per-problem details for the report."""
+
+    dropped: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)
+    kept: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    stats: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    contamination: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    duplicates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def counts(self) -> Counter:
+        return Counter(self.dropped.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning (pure)
+
+
+def plan(cands: list[Candidate], cfg: SelectConfig, decontaminator: dedup.Decontaminator | None = None) -> Plan:
+    """Decides keep / drop-with-reason for every candidate (keys must be unique)."""
+    out = Plan()
+    live = [c for c in cands if not _drop(out, c, "failed_generation", c.failed)]
+    problems = _problem_texts(live, cfg)
+    live = _problem_filters(out, live, problems, cfg, decontaminator)
+    live = [c for c in live if not _response_filter(out, c, cfg)]
+    if cfg.graded:
+        out.stats = _stats(cands)
+        live = _grade_filters(out, live, cfg)
+    live = _cap(out, live, cfg)
+    if cfg.stage == 2:
+        live = _stage2(out, live, cfg)
+    out.kept = [c.key for c in live]
+    assert len(out.kept) + len(out.dropped) == len(cands), "every candidate is kept or dropped with a reason"
+    return out
+
+
+def _drop(out: Plan, c: Candidate, reason: str, cond: bool = True) -> bool:
+    if cond:
+        out.dropped[c.key] = reason
+    return cond
+
+
+def _problem_texts(cands: list[Candidate], cfg: SelectConfig) -> dict[str, str]:
+    texts = {}
+    for c in cands:
+        texts.setdefault(c.key[0], c.problem)
+    pids = list(texts)
+    values = dedup.strip_common_affixes([texts[p] for p in pids]) if cfg.strip_template else [texts[p] for p in pids]
+    return dict(zip(pids, values))
+
+
+def _problem_filters(out: Plan, cands: list[Candidate], stripped: dict[str, str], cfg: SelectConfig, decon: dedup.Decontaminator | None) -> list[Candidate]:
+    reason: dict[str, str] = {}
+    full = {}
+    for c in cands:
+        full.setdefault(c.key[0], c.problem)
+    seen: dict[str, str] = {}
+    near = dedup.NearDuplicates(cfg.near_threshold, cfg.near_ngram, cfg.num_perm) if cfg.dedup_near else None
+    for pid, text in stripped.items():
+        hit = decon.check(text, full[pid]) if decon is not None else None
+        if hit is not None:
+            reason[pid] = "contaminated"
+            out.contamination.append({"problem_id": pid, **hit.to_dict(), "problem": full[pid][:300]})
+            continue
+        key = dedup.exact_key(text)
+        if cfg.dedup_exact and key in seen:
+            reason[pid] = "duplicate_problem"
+            out.duplicates.append({"problem_id": pid, "duplicate_of": seen[key], "kind": "exact", "similarity": 1.0})
+            continue
+        seen.setdefault(key, pid)
+        match = near.add(pid, text) if near is not None else None
+        if match is not None:
+            reason[pid] = "near_duplicate_problem"
+            out.duplicates.append({"problem_id": pid, "duplicate_of": match[0], "kind": "near", "similarity": round(match[1], 4)})
+    return [c for c in cands if not _drop(out, c, reason.get(c.key[0], ""), c.key[0] in reason)]
+
+
+def _response_filter(out: Plan, c: Candidate, cfg: SelectConfig) -> bool:
+    checks = (
+        ("truncated", cfg.drop_truncated and c.truncated),
+        ("too_short", cfg.min_chars is not None and c.chars < cfg.min_chars),
+        ("too_long", cfg.max_chars is not None and c.chars > cfg.max_chars),
+        ("too_short", cfg.min_tokens is not None and c.tokens < cfg.min_tokens),
+        ("too_long", cfg.max_tokens is not None and c.tokens > cfg.max_tokens),
+    )
+    return any(_drop(out, c, r, bool(cond)) for r, cond in checks if cond)
+
+
+def _stats(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[Candidate]] = defaultdict(list)
+    for c in cands:
+        if not c.failed:
+            groups[c.key[0]].append(c)
+    return {pid: problem_stats([c.score or 0.0 for c in g], [bool(c.verdict) for c in g], [c.tokens for c in g]) for pid, g in groups.items()}
+
+
+def _grade_filters(out: Plan, cands: list[Candidate], cfg: SelectConfig) -> list[Candidate]:
+    keep = []
+    for c in cands:
+        st = out.stats[c.key[0]]
+        if cfg.drop_unsolved and st["passes"] == 0:
+            _drop(out, c, "unsolved")
+        elif st["pass_rate"] < cfg.min_pass_rate:
+            _drop(out, c, "pass_rate_below_band")
+        elif st["pass_rate"] > cfg.max_pass_rate:
+            _drop(out, c, "pass_rate_above_band")
+        elif not c.verdict and cfg.cv_threshold is not None and st["cv"] > cfg.cv_threshold:
+            _drop(out, c, "failing_response_high_cv")
+        elif not c.verdict and cfg.only_passing:
+            _drop(out, c, "failing_response")
+        else:
+            keep.append(c)
+    return keep
+
+
+def _cap(out: Plan, cands: list[Candidate], cfg: SelectConfig) -> list[Candidate]:
+    if cfg.max_per_problem is None:
+        return cands
+    by_problem: dict[str, list[Candidate]] = defaultdict(list)
+    for c in cands:
+        by_problem[c.key[0]].append(c)
+    allowed = set()
+    for group in by_problem.values():
+        ranked = sorted(group, key=lambda c: (not c.verdict, c.key[1]))
+        allowed.update(c.key for c in ranked[: cfg.max_per_problem])
+    return [c for c in cands if not _drop(out, c, "over_cap", c.key not in allowed)]
+
+
+def _stage2(out: Plan, cands: list[Candidate], cfg: SelectConfig) -> list[Candidate]:
+    first_pass: dict[str, Candidate] = {}
+    order: dict[str, int] = {}
+    for c in cands:
+        order.setdefault(c.key[0], len(order))
+        if c.verdict and (c.key[0] not in first_pass or c.key[1] < first_pass[c.key[0]].key[1]):
+            first_pass[c.key[0]] = c
+    ranked = sorted(first_pass, key=lambda p: (-out.stats[p]["cv"], out.stats[p]["pass_rate"], order[p]))
+    n = cfg.stage2_count if cfg.stage2_count is not None else max(1, round(cfg.stage2_fraction * len(order)))
+    chosen = {first_pass[p].key for p in ranked[:n]}
+    return [c for c in cands if not _drop(out, c, "not_in_stage2", c.key not in chosen)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records <-> candidates
+
+
+def keyed_records(path: str, cfg: SelectConfig, drops: DropLog | None, policy: str) -> Iterator[tuple[tuple[str, int], formats.Record]]:
+    """(key, record) in input order; records of other layouts are keyed by problem text like grade does."""
+    counters: Counter = Counter()
+    for rec in formats.read_records(path, layout=cfg.layout, fields=cfg.fields, policy=policy, drops=drops):
+        if rec.raw is not None and "problem_id" in rec.meta and "problem_id" in rec.raw:
+            key = (str(rec.meta["problem_id"]), int(rec.meta["sample_index"]))
+        else:
+            pid = problem_key(rec.problem)
+            key = (pid, counters[pid])
+            counters[pid] += 1
+        yield key, rec
+
+
+def candidate(key: tuple[str, int], rec: formats.Record) -> Candidate:
+    raw = rec.raw or {}
+    text = rec.assistant_text()
+    verdict = raw.get("verdict") if isinstance(raw.get("verdict"), bool) else None
+    score = raw.get("score")
+    return Candidate(
+        key=key,
+        problem=str(raw.get("problem") or rec.problem),
+        verdict=verdict,
+        score=float(score) if isinstance(score, (int, float)) else (1.0 if verdict else 0.0 if verdict is not None else None),
+        tokens=int(raw.get("response_tokens") or whitespace_tokens(text)),
+        chars=len(text),
+        truncated=raw.get("finish_reason") == "length" or (rec.thinking is not None and not rec.answer.strip()),
+        failed=rec.meta.get("status") == "failed",
+    )
+
+
+def sft_row(key: tuple[str, int], rec: formats.Record, stats: dict[str, Any] | None, cfg: SelectConfig) -> dict[str, Any]:
+    """The sft.jsonl row; the assistant turn carries "<think>\\n...\\n</think>\\n\\n{answer}"."""
+    raw = rec.raw or {}
+    meta = {"problem_id": key[0], "sample_index": key[1], "source": rec.source, "teacher": raw.get("teacher") or rec.meta.get("teacher")}
+    if stats:
+        meta.update(pass_rate=stats["pass_rate"], cv=stats["cv"])
+    for k in ("score", "verdict", "response_tokens"):
+        if k in raw:
+            meta[k] = raw[k]
+    if rec.reference is not None:
+        meta["reference_answer"] = rec.reference
+    meta["stage"] = cfg.stage
+    row = rec.to_sft()
+    row["id"] = f"{key[0]}#{key[1]}"
+    row["meta"] = meta
+    if cfg.system_prompt and row["messages"][0]["role"] != "system":
+        row["messages"].insert(0, {"role": "system", "content": cfg.system_prompt})
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_candidates(path: str, cfg: SelectConfig, drops: DropLog) -> tuple[dict[tuple[str, int], Candidate], dict, int, int]:
+    """Pass 1: one candidate per key (the last occurrence wins), where it was, superseded and record counts."""
+    cands: dict[tuple[str, int], Candidate] = {}
+    where: dict[tuple[str, int], tuple[str, int]] = {}
+    superseded = n = 0
+    for key, rec in keyed_records(path, cfg, drops, cfg.policy):
+        n += 1
+        if key in cands:
+            superseded += 1
+        cands[key] = candidate(key, rec)
+        where[key] = (rec.file, rec.line)
+    return cands, where, superseded, n
+
+
+def select_file(in_path: str, out_path: str, cfg: SelectConfig, report_path: str | None = None) -> dict[str, Any]:
+    """Runs the selection and writes sft.jsonl (atomically) and the JSON report; returns the report."""
+    drops = DropLog()
+    by_key, where, superseded, n_records = _read_candidates(in_path, cfg, drops)
+    cands = list(by_key.values())
+    if cfg.graded:
+        ungraded = sum(1 for c in cands if c.verdict is None and not c.failed)
+        if ungraded:
+            raise ValueError(f"{in_path}: {ungraded} of {len(cands)} records have no verdict; run `lt-jax grade` first, "
+                             "or pass graded=false to select without the pass-rate / CV rules")
+    decon = None
+    if cfg.decontam:
+        items = [it for spec in cfg.decontam for it in dedup.load_benchmark(spec)]
+        decon = dedup.Decontaminator(items, cfg.decontam_ngram, cfg.decontam_boilerplate)
+    result = plan(cands, cfg, decon)
+    kept = set(result.kept)
+    rows = (
+        sft_row(key, rec, result.stats.get(key[0]), cfg)
+        for key, rec in keyed_records(in_path, cfg, None, "skip")
+        if key in kept and where[key] == (rec.file, rec.line)
+    )
+    n_out = jsonl.write_jsonl(out_path, rows)
+    report = _report(in_path, out_path, cfg, result, drops, superseded, n_records, n_out, decon)
+    jsonl.write_json(report_path or default_report_path(out_path), report)
+    return report
+
+
+def default_report_path(out_path: str) -> str:
+    base = out_path[: -len(".jsonl")] if out_path.endswith(".jsonl") else out_path
+    return base + ".report.json"
+
+
+def _report(in_path, out_path, cfg, result: Plan, drops: DropLog, superseded: int, n_records: int, n_out: int, decon) -> dict[str, Any]:
+    from lt_jax import config
+
+    dropped = Counter(result.counts())
+    if superseded:
+        dropped["superseded"] = superseded
+    for reason, n in drops.counts.items():
+        dropped[f"bad_input:{reason}"] = n
+    records_in = n_records + drops.total
+    if records_in != n_out + sum(dropped.values()):
+        raise AssertionError(f"select lost records: in {records_in}, out {n_out}, dropped {sum(dropped.values())}")
+    kept_problems = {k[0] for k in result.kept}
+    per_bench = Counter(h["benchmark"] for h in result.contamination)
+    return {
+        "input": in_path, "output": out_path,
+        "records_in": records_in, "records_out": n_out,
+        "dropped": dict(sorted(dropped.items())), "dropped_total": sum(dropped.values()),
+        "problems_in": len({k[0] for k in result.dropped} | kept_problems), "problems_out": len(kept_problems),
+        "contamination": {"hits": len(result.contamination), "by_benchmark": dict(per_bench), "items": result.contamination,
+                          "benchmark_items": len(decon.items) if decon else 0,
+                          "ignored_boilerplate_ngrams": decon.boilerplate_ngrams if decon else 0},
+        "duplicates": {"count": len(result.duplicates), "items": result.duplicates[:10000]},
+        "bad_input_examples": drops.examples,
+        "config": config.to_dict(cfg),
+    }
+
+
+def print_report(report: dict[str, Any], file=None) -> None:
+    p = lambda s: print(s, file=file or sys.stdout)  # noqa: E731
+    p(f"select: {report['records_in']} records in, {report['records_out']} out, {report['dropped_total']} dropped; "
+      f"problems {report['problems_in']} -> {report['problems_out']}")
+    for reason, n in report["dropped"].items():
+        p(f"  dropped {reason}: {n}")
+    con = report["contamination"]
+    if not con["benchmark_items"]:
+        p("  decontamination: none (pass --decontam PATH[:FIELD] to check against eval sets)")
+    else:
+        p(f"  decontamination against {con['benchmark_items']} eval items: {con['hits']} problems matched {con['by_benchmark']}")
+        for hit in con["items"][:10]:
+            p(f"    {hit['problem_id']} ~ {hit['benchmark']} item {hit['item']} ({hit['kind']}{': ' + hit['ngram'] if hit.get('ngram') else ''})")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser, command: str) -> None:
+    parser.add_argument("--in", dest="inp", required=True, help="graded.jsonl (or any layout lt_jax.data.formats reads, with graded=false)")
+    parser.add_argument("--out", required=True, help="sft.jsonl (local or gs://)")
+    parser.add_argument("--config", default=None, help="YAML with SelectConfig fields")
+    parser.add_argument("--decontam", action="append", default=[], metavar="PATH[:FIELD]",
+                        help="eval set file or folder to decontaminate against (repeatable)")
+    parser.add_argument("--report", default=None, help="report JSON (default: <out>.report.json)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad input row instead of counting it")
+    parser.add_argument("--layout", default=None, help=f"force the input layout: {', '.join(formats.LAYOUTS)}")
+    parser.add_argument("--field", action="append", default=[], help="remap a field, e.g. --field problem=question")
+    parser.add_argument("overrides", nargs="*", help="SelectConfig key=value overrides, e.g. max_per_problem=2")
+
+
+def run(args) -> int:
+    try:
+        return _run_cli(args)
+    except (ValueError, KeyError) as e:  # ConfigError and DataError included: bad config or input
+        print(f"lt-jax select: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_cli(args) -> int:
+    from lt_jax import config
+
+    extra = list(args.overrides)
+    if args.strict:
+        extra.append("policy=strict")
+    if args.layout:
+        extra.append(f"layout={args.layout}")
+    cfg = config.load(SelectConfig, args.config, extra)
+    cfg = dataclasses.replace(
+        cfg, decontam=tuple(cfg.decontam) + tuple(args.decontam), fields={**cfg.fields, **formats.parse_fields(args.field)}
+    )
+    report = select_file(args.inp, args.out, cfg, args.report)
+    print_report(report)
+    return 0

@@ -1,0 +1,306 @@
+"""A synthetic long-thought task: multi-digit arithmetic with step-by-step traces.
+
+The embedded demo needs a teacher whose answers look like long chain-of-thought (a thinking trace,
+then a final `\\boxed{}` answer), whose difficulty is graded, and whose mistakes are realistic
+enough that per-problem pass rates and CVs vary the way a real teacher's do. Here:
+
+- a problem is "Compute A + B." or "Compute A * B."; its level is the number of digits of A
+  (B has the same number of digits for "+", and ceil(level / 2) digits for "*");
+- the thinking writes every elementary step: one column of an addition ("c2: 4+5+1=10, d0 c1"),
+  one digit of a partial product ("4*8+5=37, d7 c3"), then the column-wise sum of partial products;
+- with probability `wrong_rate[level]` exactly one elementary step is off by one; every later step
+  is computed correctly from the wrong value, so the error propagates to a wrong boxed answer (a
+  step off by d at place k moves the result by d * 10**k, so it is always wrong).
+
+`teacher_response` parses the problem back out of any prompt text that contains it, so the HTTP
+teacher (lt_jax.sample.backends) can answer from a chat request alone. Seeds are strings hashed by
+`random.Random`, so runs are reproducible across processes and Python hash seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from typing import Any, Literal, Sequence
+
+from lt_jax.data import jsonl
+
+OPS = {"add": "+", "mul": "*"}
+DEFAULT_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+_ANCHORED = re.compile(r"Compute\s+(\d+)\s*([+*])\s*(\d+)")
+_LOOSE = re.compile(r"(\d+)\s*([+*×xX])\s*(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """The synthetic task. `wrong_rate[i]` is the chance that a trace at `levels[i]` is wrong."""
+
+    num_problems: int = 256
+    num_heldout: int = 64
+    samples_per_problem: int = 4
+    levels: tuple[int, ...] = (1, 2, 3)
+    wrong_rate: tuple[float, ...] = (0.1, 0.3, 0.5)
+    ops: tuple[str, ...] = ("add", "mul")
+    seed: int = 0
+    prompt_template: str = DEFAULT_PROMPT
+    reasoning: Literal["inline", "separate"] = "inline"
+    teacher: str = "synthetic"
+
+    def __post_init__(self) -> None:
+        if self.num_problems < 0 or self.num_heldout < 0:
+            raise ValueError("num_problems and num_heldout must be >= 0")
+        if self.samples_per_problem < 1:
+            raise ValueError("samples_per_problem must be >= 1")
+        if not self.levels or any(lv < 1 or lv > 12 for lv in self.levels):
+            raise ValueError(f"levels must be digit counts in 1..12, got {self.levels}")
+        if len(self.wrong_rate) != len(self.levels):
+            raise ValueError(f"wrong_rate needs one rate per level: {len(self.levels)} levels, {len(self.wrong_rate)} rates")
+        if any(not 0.0 <= r <= 1.0 for r in self.wrong_rate):
+            raise ValueError(f"wrong_rate values must be in [0, 1], got {self.wrong_rate}")
+        bad = [op for op in self.ops if op not in OPS]
+        if not self.ops or bad:
+            raise ValueError(f"ops must be a non-empty subset of {sorted(OPS)}, got {self.ops}")
+        if "{problem}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {problem}")
+
+    def rate_for(self, level: int) -> float:
+        """Wrong rate of `level`; a level outside `levels` takes the rate of the nearest one."""
+        nearest = min(range(len(self.levels)), key=lambda i: (abs(self.levels[i] - level), self.levels[i]))
+        return self.wrong_rate[nearest]
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems
+
+
+def problem_text(a: int, op: str, b: int) -> str:
+    return f"Compute {a} {OPS[op]} {b}."
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    return rng.randint(1, 9) if digits == 1 else rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def _draw(rng: random.Random, level: int, op: str) -> tuple[int, int]:
+    b_digits = level if op == "add" else (level + 1) // 2
+    return _operand(rng, level), _operand(rng, b_digits)
+
+
+def _generate(cfg: SyntheticConfig, stream: str, count: int, exclude: set) -> list[tuple[int, str, int, int]]:
+    """`count` distinct (a, op, b, level) triples cycling through levels and ops, none in `exclude`."""
+    rng = random.Random(f"{cfg.seed}/{stream}")
+    out, seen = [], set(exclude)
+    for i in range(count):
+        level = cfg.levels[i % len(cfg.levels)]
+        op = cfg.ops[(i // len(cfg.levels)) % len(cfg.ops)]
+        for _ in range(10_000):
+            a, b = _draw(rng, level, op)
+            if (a, op, b) not in seen:
+                break
+        else:
+            raise ValueError(f"level {level} ({op}) has too few distinct problems for {count} {stream} problems; lower the count or drop that level")
+        seen.add((a, op, b))
+        out.append((a, op, b, level))
+    return out
+
+
+def make_problems(cfg: SyntheticConfig, split: Literal["train", "heldout"] = "train") -> list[dict[str, Any]]:
+    """Problems {"id", "problem", "answer", "level"} of one split; the two splits never overlap.
+
+    The held-out split is drawn first from its own stream, so it does not change with `num_problems`.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    heldout = _generate(cfg, "heldout", cfg.num_heldout, set())
+    if split == "heldout":
+        rows = heldout
+    else:
+        rows = _generate(cfg, "train", cfg.num_problems, {(a, op, b) for a, op, b, _ in heldout})
+    fn = {"add": lambda a, b: a + b, "mul": lambda a, b: a * b}
+    return [
+        {"id": f"syn-{split}-{i:05d}", "problem": problem_text(a, op, b), "answer": str(fn[op](a, b)), "level": level}
+        for i, (a, op, b, level) in enumerate(rows)
+    ]
+
+
+def parse_problem(text: str) -> tuple[int, str, int]:
+    """(a, op, b) from any text containing a problem; "Compute A op B" is preferred when present."""
+    m = _ANCHORED.search(text) or _LOOSE.search(text)
+    if m is None:
+        raise ValueError(f"synthetic teacher: no 'A + B' or 'A * B' problem in prompt {text[:200]!r}")
+    a, sym, b = m.groups()
+    return int(a), ("add" if sym == "+" else "mul"), int(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces. Each elementary step computes a value s (digit s % 10, carry s // 10); `fault` is
+# (step index, delta) or None, and the faulty step reports s + delta, which later steps consume.
+
+
+class _Steps:
+    def __init__(self, fault: tuple[int, int] | None):
+        self.fault, self.index = fault, 0
+
+    def value(self, s: int) -> int:
+        if self.fault is not None and self.index == self.fault[0]:
+            delta = self.fault[1]
+            s += delta if s + delta >= 0 else -delta  # a step never reports a negative value
+        self.index += 1
+        return s
+
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
+
+
+def _number(digits_low_first: list[int], carry: int) -> int:
+    return int(str(carry) + "".join(str(d) for d in reversed(digits_low_first)))
+
+
+def _add_trace(x: int, y: int, steps: _Steps, lines: list[str]) -> int:
+    xs, ys = _digits(x), _digits(y)
+    carry, out = 0, []
+    for i in range(max(len(xs), len(ys))):
+        dx, dy = (xs[i] if i < len(xs) else 0), (ys[i] if i < len(ys) else 0)
+        s = steps.value(dx + dy + carry)
+        lines.append(f"c{i + 1}: {dx}+{dy}+{carry}={s}, d{s % 10} c{s // 10}")
+        out.append(s % 10)
+        carry = s // 10
+    if carry:
+        lines.append(f"carry {carry} leads")
+    value = _number(out, carry)
+    lines.append(f"{x}+{y}={value}")
+    return value
+
+
+def _times_digit(a: int, d: int, steps: _Steps, lines: list[str]) -> int:
+    carry, out, parts = 0, [], []
+    for da in _digits(a):
+        s = steps.value(da * d + carry)
+        parts.append(f"{da}*{d}+{carry}={s}")
+        out.append(s % 10)
+        carry = s // 10
+    lines.append(f"{a}*{d}: " + ", ".join(parts))
+    return _number(out, carry)
+
+
+def _mul_trace(a: int, b: int, steps: _Steps, lines: list[str]) -> int:
+    partials = []
+    for k, d in enumerate(_digits(b)):
+        p = _times_digit(a, d, steps, lines)
+        shifted = p * 10**k
+        lines.append(f"partial {k + 1}: {p}" + (f" shifted {k} -> {shifted}" if k else ""))
+        partials.append(shifted)
+    total = partials[0]
+    for p in partials[1:]:
+        total = _add_trace(total, p, steps, lines)
+    lines.append(f"{a}*{b}={total}")
+    return total
+
+
+def _count_steps(a: int, op: str, b: int) -> int:
+    counter = _Steps(None)
+    (_add_trace if op == "add" else _mul_trace)(a, b, counter, [])
+    return counter.index
+
+
+def solve(a: int, op: str, b: int, fault: tuple[int, int] | None = None) -> tuple[list[str], int]:
+    """The trace lines and the result, with `fault` = (step, delta) injected (None: correct)."""
+    lines = [f"{a}{OPS[op]}{b}, digit by digit from the right."]
+    result = (_add_trace if op == "add" else _mul_trace)(a, b, _Steps(fault), lines)
+    return lines, result
+
+
+def teacher_response(problem_text: str, rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str]:
+    """(thinking, answer_text) for a prompt containing a problem; answer_text ends with \\boxed{...}.
+
+    With probability `cfg.rate_for(level)` one uniformly chosen step is off by +1 or -1.
+    """
+    a, op, b = parse_problem(problem_text)
+    level = len(str(a))
+    fault = None
+    if rng.random() < cfg.rate_for(level):
+        fault = (rng.randrange(_count_steps(a, op, b)), rng.choice((-1, 1)))
+    lines, result = solve(a, op, b, fault)
+    return "\n".join(lines), f"{a} {OPS[op]} {b} = {result}. The answer is \\boxed{{{result}}}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def sample_rng(cfg: SyntheticConfig, problem_id: str, sample_index: int) -> random.Random:
+    """The RNG of one (problem, sample): independent of order, workers and hash seeds."""
+    return random.Random(f"{cfg.seed}/{problem_id}/{sample_index}")
+
+
+def response_record(cfg: SyntheticConfig, problem: dict[str, Any], sample_index: int) -> dict[str, Any]:
+    """One responses.jsonl record, shaped exactly as `lt-jax distill` writes it."""
+    prompt = cfg.prompt_template.format(problem=problem["problem"])
+    thinking, answer = teacher_response(prompt, sample_rng(cfg, problem["id"], sample_index), cfg)
+    separate = cfg.reasoning == "separate"
+    return {
+        "problem_id": problem["id"],
+        "sample_index": sample_index,
+        "prompt": prompt,
+        "response": answer if separate else f"<think>\n{thinking}\n</think>\n\n{answer}",
+        "reasoning_content": thinking if separate else None,
+        "reference_answer": problem["answer"],
+        "finish_reason": "stop",
+        "status": "ok",
+        "error": None,
+        "teacher": cfg.teacher,
+        "problem": problem["problem"],
+        "level": problem["level"],
+    }
+
+
+def write_problems(cfg: SyntheticConfig, path: str, split: Literal["train", "heldout"] = "train") -> int:
+    """Writes problems.jsonl ({"id", "problem", "answer", "level"}) for one split; returns the count."""
+    return jsonl.write_jsonl(path, make_problems(cfg, split))
+
+
+def write_responses(cfg: SyntheticConfig, path: str, split: Literal["train", "heldout"] = "train") -> int:
+    """Writes responses.jsonl: `samples_per_problem` teacher samples per problem; returns the count."""
+    records = (response_record(cfg, p, k) for p in make_problems(cfg, split) for k in range(cfg.samples_per_problem))
+    return jsonl.write_jsonl(path, records)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: lt-jax synthetic --out DIR [--config YAML] [key=value ...]
+
+
+def add_arguments(parser, command: str) -> None:
+    parser.add_argument("--out", required=True, help="output folder (local or gs://)")
+    parser.add_argument("--config", default=None, help="YAML file with SyntheticConfig fields")
+    parser.add_argument("--no-responses", action="store_true", help="write only the problem files")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_problems=64 levels=[1,2]")
+
+
+def run(args) -> int:
+    from lt_jax import config, storage
+
+    cfg = config.load(SyntheticConfig, args.config, args.overrides)
+    out = args.out
+    storage.makedirs(out)
+    n_train = write_problems(cfg, storage.join(out, "problems.jsonl"), "train")
+    n_held = write_problems(cfg, storage.join(out, "heldout.jsonl"), "heldout")
+    storage.write_text(storage.join(out, "synthetic.yaml"), _yaml(config.to_dict(cfg)))
+    print(f"problems: {n_train} train -> {storage.join(out, 'problems.jsonl')}, {n_held} held-out -> {storage.join(out, 'heldout.jsonl')}")
+    if not args.no_responses:
+        n = write_responses(cfg, storage.join(out, "responses.jsonl"))
+        print(f"responses: {n} -> {storage.join(out, 'responses.jsonl')}")
+    return 0
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+__all__: Sequence[str] = [
+    "SyntheticConfig", "make_problems", "teacher_response", "write_problems", "write_responses",
+    "parse_problem", "solve", "response_record", "sample_rng",
+]
