@@ -1,0 +1,97 @@
+"""`lt-jax serve`: an OpenAI-compatible endpoint over a backend chosen on the command line.
+
+    lt-jax serve --teacher synthetic [--synthetic-config cfg.yaml] [--host 127.0.0.1] [--port 8000]
+                 [--api-key-env VAR] [--reasoning-format inline|separate]
+
+Backends: `--teacher synthetic` (the rule-based long-thought teacher of lt_jax.data.synthetic) or a
+model checkpoint (`--checkpoint PATH` / `--hf DIR`), served by `lt_jax.sample.model_backend`,
+which provides `from_args(args) -> Backend` and may add its own flags through
+`add_backend_arguments(parser)` (both looked up lazily, so this module does not depend on it).
+The actual address is printed as `serving MODEL at URL` once the socket is bound (useful with --port 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+
+MODEL_BACKEND = "lt_jax.sample.model_backend"
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    src = parser.add_argument_group("backend (pick one)")
+    choice = src.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--teacher", choices=["synthetic"], help="a built-in teacher")
+    choice.add_argument("--checkpoint", help="an lt_jax Orbax checkpoint (local or gs://)")
+    choice.add_argument("--hf", help="a Hugging Face model folder")
+    src.add_argument("--synthetic-config", help="YAML for lt_jax.data.synthetic.SyntheticConfig")
+    src.add_argument("--model-name", help="name served in /v1/models (default: the backend's)")
+    try:  # the model backend's own flags (tokenizer, mesh, ...), when it exists
+        importlib.import_module(MODEL_BACKEND).add_backend_arguments(src)
+    except (ImportError, AttributeError):
+        pass
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    net.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    net.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' on /v1/*")
+    net.add_argument("--reasoning-format", choices=["inline", "separate"], default="inline",
+                     help="chat: keep <think>...</think> in content (inline) or move it to "
+                          "reasoning_content (separate); a request may override with 'reasoning_format'")
+    net.add_argument("--max-batch-sequences", type=int, default=64)
+    net.add_argument("--batch-window-ms", type=float, default=5.0)
+    net.add_argument("--log-level", default="INFO")
+
+
+def build_backend(args: argparse.Namespace):
+    """The backend the flags ask for."""
+    if args.teacher == "synthetic":
+        from lt_jax import config
+        from lt_jax.data import synthetic
+        from lt_jax.sample.backends import SyntheticBackend
+
+        cfg = config.load(synthetic.SyntheticConfig, args.synthetic_config) if args.synthetic_config else None
+        return SyntheticBackend(cfg, name=args.model_name or "synthetic-teacher")
+    try:
+        module = importlib.import_module(MODEL_BACKEND)
+    except ImportError as e:
+        raise SystemExit(f"--checkpoint/--hf need {MODEL_BACKEND}, which is not available: {e}")
+    backend = module.from_args(args)
+    if args.model_name:
+        backend.name = args.model_name
+    return backend
+
+
+def run(args: argparse.Namespace) -> int:
+    from lt_jax.sample.server import ServerConfig, bind
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            print(f"error: --api-key-env {args.api_key_env}: that environment variable is unset or empty",
+                  file=sys.stderr)
+            return 2
+    cfg = ServerConfig(host=args.host, port=args.port, api_key=api_key, reasoning_format=args.reasoning_format,
+                       max_batch_sequences=args.max_batch_sequences, batch_window_ms=args.batch_window_ms)
+    backend = build_backend(args)
+    sock = bind(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {backend.name} at http://{host}:{port}/v1", flush=True)
+    return asyncio.run(_serve_until_signal(backend, cfg, sock))
+
+
+async def _serve_until_signal(backend, cfg, sock) -> int:
+    from lt_jax.sample.server import serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(backend, cfg, sock, stop)
+    return 0
