@@ -1,0 +1,205 @@
+"""What the harness evaluates: anything that turns chat prompts into n completions each.
+
+`Generator.generate(prompts, n, params, seeds=None) -> list[list[Completion]]` is the whole
+interface, so the harness runs the same way over a stand-in in tests, this project's sampler on a
+checkpoint (`SamplerGenerator`), or any OpenAI-compatible endpoint (`OpenAIGenerator`: vLLM,
+SGLang, `lt-jax serve`, hosted APIs). `seeds` gives one base seed per prompt, so sample j of a
+problem gets the same seed whichever batch it lands in (a resumed eval reproduces a fresh one).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+from typing import Any, Callable, Protocol, Sequence, TypeVar
+
+Message = dict[str, str]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str  # final text; may hold inline <think>...</think>
+    num_tokens: int  # generated tokens, thinking included
+    finish_reason: str  # "stop" | "length" | "error" | whatever the backend says
+    reasoning: str | None = None  # thinking returned separately (DeepSeek-style reasoning_content)
+    error: str | None = None  # set when the request was rejected (finish_reason "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding parameters; the defaults are the long-CoT papers' protocol."""
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 32768
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(
+        self, prompts: list[list[Message]], n: int, params: SamplingConfig, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
+        """n completions for each chat prompt, in prompt order."""
+        ...
+
+
+def seed_for(base: int, key: str) -> int:
+    """A stable 31-bit seed for (base seed, item id), independent of batch composition."""
+    digest = hashlib.sha256(f"{base}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def whitespace_tokens(text: str) -> int:
+    """Token count fallback when a backend reports none (whitespace split: an approximation)."""
+    return len(text.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible endpoints
+
+
+class EndpointError(RuntimeError):
+    """The endpoint stayed unreachable or failing after retries; rerunning resumes the eval."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointConfig:
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (servers without auth: unset)
+    concurrency: int = 16
+    timeout_s: float = 1800.0  # per request; a 32k-token answer can take many minutes
+    max_retries: int = 5  # the openai client's own backoff on 429 / 5xx / connection errors
+
+    def __post_init__(self):
+        if not self.base_url or not self.model:
+            raise ValueError("endpoint needs base_url and model")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+
+class OpenAIChat:
+    """A thread-pooled chat-completions client; one request per sample (exact per-sample usage)."""
+
+    def __init__(self, cfg: EndpointConfig):
+        import openai
+
+        self.cfg = cfg
+        self._openai = openai
+        self.client = openai.OpenAI(
+            base_url=cfg.base_url,
+            api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
+            timeout=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+        )
+
+    def complete(self, messages: list[Message], params: SamplingConfig, seed: int | None) -> Completion:
+        """One completion; a request the server rejects (4xx other than 429) is returned as an error."""
+        kwargs: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": messages,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_new_tokens,
+        }
+        if seed is not None:
+            kwargs["seed"] = seed
+        if params.stop:
+            kwargs["stop"] = list(params.stop)
+        if params.top_k:
+            kwargs["extra_body"] = {"top_k": params.top_k}  # vLLM / SGLang extension
+        try:
+            resp = self.client.chat.completions.create(**kwargs)
+        except (self._openai.BadRequestError, self._openai.UnprocessableEntityError) as e:
+            # e.g. prompt longer than the context: a result for this sample, not an outage
+            return Completion("", 0, "error", error=f"{type(e).__name__}: {e}")
+        except self._openai.OpenAIError as e:
+            raise EndpointError(f"{self.cfg.base_url} ({self.cfg.model}): {type(e).__name__}: {e}") from e
+        return _to_completion(resp)
+
+    def map(self, fn: Callable[[T], R], jobs: Sequence[T]) -> list[R]:
+        """fn over jobs with `concurrency` threads, results in job order; the first error propagates."""
+        with concurrent.futures.ThreadPoolExecutor(self.cfg.concurrency) as pool:
+            return list(pool.map(fn, jobs))
+
+
+def _to_completion(resp: Any) -> Completion:
+    choice = resp.choices[0]
+    msg = choice.message
+    text = msg.content or ""
+    extra = getattr(msg, "model_extra", None) or {}
+    reasoning = getattr(msg, "reasoning_content", None) or extra.get("reasoning_content") or extra.get("reasoning")
+    usage = getattr(resp, "usage", None)
+    if usage is not None and usage.completion_tokens is not None:
+        tokens = int(usage.completion_tokens)
+    else:
+        tokens = whitespace_tokens(text) + whitespace_tokens(reasoning or "")
+    return Completion(text, tokens, choice.finish_reason or "stop", reasoning=reasoning or None)
+
+
+class OpenAIGenerator:
+    """Evaluates a served model through its OpenAI-compatible chat endpoint (chat template server-side)."""
+
+    def __init__(self, cfg: EndpointConfig, name: str | None = None):
+        self.chat = OpenAIChat(cfg)
+        self.name = name or cfg.model
+
+    def generate(
+        self, prompts: list[list[Message]], n: int, params: SamplingConfig, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+
+        def one(job: tuple[int, int]) -> Completion:
+            i, j = job
+            return self.chat.complete(prompts[i], params, None if seeds is None else seeds[i] + j)
+
+        flat = self.chat.map(one, jobs)
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+# ---------------------------------------------------------------------------------------------
+# This project's sampler on a checkpoint
+
+
+class SamplerGenerator:
+    """This project's KV-cache sampler (`lt_jax.sample.generate.generate`) on a loaded model.
+
+    One call samples every prompt of the batch in one sampler run (`batch_size` prompts x n
+    rows: size it so their KV cache fits), and prompt i's samples are seeded by seeds[i] alone.
+    The tokenizer's chat template renders the prompts; EOS ids come from `eos_ids` (tokenizer +
+    model config + generation_config.json when loaded by `load_from_args`).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, *, eos_ids: Sequence[int] | None = None,
+                 mesh: Any = None, sampler_config: Any = None):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.eos_ids, self.mesh, self.sampler_config = eos_ids, mesh, sampler_config
+
+    def generate(
+        self, prompts: list[list[Message]], n: int, params: SamplingConfig, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
+        from lt_jax.sample import generate as gen
+
+        sp = gen.SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                max_new_tokens=params.max_new_tokens, seed=params.seed, stop=tuple(params.stop))
+        results = gen.generate(self.model, self.tokenizer, prompts, sp, seeds=seeds, eos_ids=self.eos_ids,
+                               mesh=self.mesh, config=self.sampler_config)
+        return [[Completion(s.text, s.num_tokens, s.finish_reason) for s in r.samples] for r in results]
