@@ -1,0 +1,235 @@
+"""Causal multi-head attention with GQA and packed rows, behind one function for every platform.
+
+Shapes: q [batch, q_len, num_heads, head_dim]; k, v [batch, kv_len, num_kv_heads, head_dim];
+segment ids and positions [batch, len] (int32). A query attends to a key when their segment ids are
+equal and (causal) the key's position is <= the query's. Segment id 0 marks padding; padding rows
+still see at least themselves, so nothing produces NaN.
+
+Implementations:
+  xla     einsum + dense mask. Reference, CPU path, and the decode path (q_len != kv_len).
+  cudnn   cuDNN flash attention through JAX's cuDNN custom call, using its packed ("THD") layout:
+          segment boundaries become per-row `q_offsets`/`q_seqlen` arrays, so packed rows cost no
+          dense mask. `jax.nn.dot_product_attention` only takes one length per row (no segments)
+          or a dense [B,1,S,S] mask (4 GiB per row at 32k in bf16, which defeats a flash kernel),
+          so we call `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`, the function
+          the public API wraps, with offsets. Segments must be contiguous runs (what packing makes)
+          and at most `max_segments` runs per row (checked at run time).
+  splash  TPU splash attention (Pallas/Mosaic) with SegmentIds, wrapped in `jax.shard_map` over the
+          active mesh (Mosaic kernels cannot be partitioned automatically): batch is split over
+          (data, fsdp), heads over tensor, each device runs the kernel on its block.
+  auto    splash on TPU, cudnn on GPU (when their shape/dtype constraints hold), xla elsewhere.
+The fused kernels use index order for causality; packed rows have increasing positions within a
+segment, so that matches the position rule of the xla path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lt_jax.model import sharding as shd
+
+Impl = Literal["auto", "xla", "cudnn", "splash"]
+
+# Finite, so fully masked rows give a uniform softmax instead of NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def resolve_impl(impl: Impl, q_len: int, kv_len: int, dtype=jnp.bfloat16, head_dim: int = 128) -> str:
+    """The implementation `impl` means on this backend for these shapes.
+
+    "auto" only picks a fused kernel whose constraints hold (cuDNN flash: fp16/bf16, head_dim a
+    multiple of 8 up to 256; splash: length a multiple of 128) and falls back to xla otherwise, so
+    an fp32 debugging run on a GPU still works. An explicit impl is taken as asked.
+    """
+    if q_len != kv_len:
+        return "xla"  # decode against a cache: the fused training kernels assume self-attention
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256:
+        return "cudnn"
+    if backend == "tpu" and q_len % 128 == 0:
+        return "splash"
+    return "xla"
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    causal: bool = True,
+    impl: Impl = "auto",
+    scale: Optional[float] = None,
+    max_segments: int = 256,
+) -> jax.Array:
+    """Attention output [batch, q_len, num_heads, head_dim] in q's dtype (see module doc)."""
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"num_heads {q.shape[2]} is not a multiple of num_kv_heads {k.shape[2]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chosen = resolve_impl(impl, q.shape[1], k.shape[1], q.dtype, q.shape[-1])
+    if chosen == "xla":
+        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale)
+    if chosen == "cudnn":
+        return cudnn_attention(q, k, v, q_segment_ids, causal, scale, max_segments)
+    if chosen == "splash":
+        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal, scale)
+    raise ValueError(f"unknown attention impl {impl!r}; use auto, xla, cudnn or splash")
+
+
+def make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal: bool) -> jax.Array:
+    """Boolean [batch, q_len, kv_len]: True where the query may attend to the key."""
+    mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if causal:
+        mask &= kv_positions[:, None, :] <= q_positions[:, :, None]
+    return mask
+
+
+def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale):
+    """Reference attention: logits and softmax in fp32, products in the input dtype (as HF eager)."""
+    b, s, nq, d = q.shape
+    nkv = k.shape[2]
+    qg = q.reshape(b, s, nkv, nq // nkv, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
+    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, nq, d).astype(q.dtype)
+
+
+def segment_offsets(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """cuDNN packed layout: (seqlens [B, M], start offsets [B, M+1]) of each contiguous run, -1 padded.
+
+    Padding (segment 0) is its own segment here: its outputs are ignored by the loss anyway, and
+    keeping it makes every token belong to exactly one segment.
+    """
+    b, s = segment_ids.shape
+    starts = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+
+    def row(start_row):
+        (idx,) = jnp.nonzero(start_row, size=max_segments, fill_value=-1)
+        n = jnp.sum(idx >= 0)
+        ends = jnp.where(jnp.arange(max_segments) < n - 1, jnp.roll(idx, -1), s)
+        lens = jnp.where(idx >= 0, ends - idx, -1)
+        # Start of each segment, -1 padded to M+1 entries (JAX's packed-layout contract).
+        offsets = jnp.concatenate([idx, jnp.full((1,), -1, idx.dtype)])
+        return lens.astype(jnp.int32), offsets.astype(jnp.int32)
+
+    return jax.vmap(row)(starts)
+
+
+def _check_segment_count(segment_ids, max_segments: int) -> None:
+    """Fail loudly (at run time, from the host) if a row holds more runs than the packed layout has
+    room for: truncated offsets would silently let documents attend across their boundary."""
+    runs = 1 + jnp.max(jnp.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1))
+
+    def check(n):
+        if int(n) > max_segments:
+            raise ValueError(
+                f"a packed row holds {int(n)} segments but cuDNN attention was built for {max_segments}; "
+                "raise max_segments or pack fewer documents per row"
+            )
+
+    jax.debug.callback(check, runs)
+
+
+def cudnn_attention(q, k, v, segment_ids, causal, scale, max_segments):
+    """cuDNN flash attention over packed rows (see module doc). GPU only."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    max_segments = min(max_segments, segment_ids.shape[1])
+    seqlens, offsets = segment_offsets(segment_ids, max_segments)
+    _check_segment_count(segment_ids, max_segments)
+    mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
+    return cudnn.dot_product_attention(
+        q, k, v, None, None, seqlens, seqlens, offsets, offsets,
+        scale=scale, mask_type=mask_type, qkv_layout="BTNH",
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, seq_len: int, causal: bool, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    one = sm.CausalMask((seq_len, seq_len)) if causal else sm.FullMask((seq_len, seq_len))
+    block = min(512, seq_len)
+    sizes = sk.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block,
+    )
+    mask = sm.MultiHeadMask([one] * num_heads)
+    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret: bool = False):
+    """TPU splash attention, shard_mapped over the active mesh (batch over data/fsdp, heads over tensor).
+
+    Splash handles GQA itself (q head i reads kv head i // group, HF's layout). When the kv heads do
+    not divide over the tensor axis (e.g. 4 kv heads, tensor=8), k/v stay replicated over tensor and
+    each device slices the one kv head its q heads read.
+    """
+    seq = q.shape[1]
+    if seq % 128:
+        raise ValueError(f"splash attention needs seq_len divisible by 128, got {seq}; pad the batch or use impl='xla'")
+    mesh = shd.active_mesh()
+    if mesh is None:
+        return _splash_local(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret, None)
+    heads = shd.logical_to_spec(("act_batch", "act_seq", "act_heads", "act_head_dim"))
+    kv_heads = shd.logical_to_spec(("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+    ids = shd.logical_to_spec(("act_batch", "act_seq"))
+    head_axes = heads[2]
+    n_shards = _axes_size(mesh, head_axes)
+    kv_slice = None
+    if k.shape[2] % n_shards:
+        if n_shards % k.shape[2]:
+            raise ValueError(f"num_kv_heads {k.shape[2]} and the {head_axes} axis ({n_shards}) must divide one another")
+        kv_heads = jax.sharding.PartitionSpec(kv_heads[0], kv_heads[1], None, kv_heads[3])
+        kv_slice = (head_axes, n_shards // k.shape[2])
+    fn = functools.partial(
+        _splash_local, causal=causal, scale=scale, interpret=interpret, kv_slice=kv_slice
+    )
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, ids, ids), out_specs=heads, check_vma=False
+    )(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret, kv_slice):
+    """Splash on one device's block: q [b, s, nq, d], k/v [b, s, nkv, d]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    if kv_slice is not None:  # this device's q heads all read one kv head
+        axes, shards_per_kv = kv_slice
+        idx = jax.lax.axis_index(axes) // shards_per_kv
+        k = jax.lax.dynamic_slice_in_dim(k, idx, 1, axis=2)
+        v = jax.lax.dynamic_slice_in_dim(v, idx, 1, axis=2)
+    kernel = _splash_kernel(q.shape[2], q.shape[1], causal, interpret)
+
+    def one(q1, k1, v1, s1, t1):
+        out = kernel(
+            (q1 * scale).swapaxes(0, 1), k1.swapaxes(0, 1), v1.swapaxes(0, 1),
+            segment_ids=sk.SegmentIds(q=s1, kv=t1),
+        )
+        return out.swapaxes(0, 1)
+
+    return jax.vmap(one)(q, k, v, q_segment_ids, kv_segment_ids).astype(q.dtype)

@@ -1,0 +1,690 @@
+"""Hugging Face folders <-> lt_jax models: config conversion, name tables, safetensors I/O.
+
+One declarative table per family maps each Hugging Face tensor to a path of the parameter tree
+documented in `lt_jax.model` plus a transform ("linear": torch's [out, in] Linear weight becomes
+our [in, out] kernel; "copy": same layout). Rows whose HF name holds "{i}" are per-layer tensors,
+stacked along axis 0 of the scanned parameter.
+
+Loading never materialises the whole model on one host or device: every parameter is built with
+`jax.make_array_from_callback`, whose callback reads only the slice a device asks for. Local files
+are read with `safetensors.safe_open(...).get_slice` (memory-mapped). For gs:// we read byte ranges
+of the remote safetensors files through fsspec instead of downloading them: on a pod every host
+would otherwise copy the full checkpoint (145 GB for a 72B model in bf16) to a small boot disk,
+while ranges let each host fetch only the rows of its own shards, with concurrent requests
+(`cat_ranges`) across the layers of a stacked parameter.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import logging
+import re
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from lt_jax import storage
+from lt_jax.model.config import ModelConfig, RopeScaling
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+# Files of a tokenizer folder that export copies byte for byte (plus any *.jinja chat template).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.json",
+)
+
+# Tensors some checkpoints carry that are not parameters (old Llama exports saved the RoPE buffer).
+IGNORED_TENSORS = (re.compile(r"\.rotary_emb\.inv_freq$"),)
+
+
+class HFFormatError(ValueError):
+    """A Hugging Face folder is missing files, has an unsupported config, or mismatched tensors."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Name tables: (Hugging Face name, lt_jax parameter path, transform)
+
+_EMBED = (("model.embed_tokens.weight", "embed.embedding", "copy"),)
+_ATTN = (
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.attn.q_proj.kernel", "linear"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.attn.k_proj.kernel", "linear"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.attn.v_proj.kernel", "linear"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.attn.o_proj.kernel", "linear"),
+)
+_QKV_BIAS = (
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers.attn.q_proj.bias", "copy"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers.attn.k_proj.bias", "copy"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers.attn.v_proj.bias", "copy"),
+)
+_QK_NORM = (
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers.attn.q_norm.scale", "copy"),
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers.attn.k_norm.scale", "copy"),
+)
+_MLP_NORMS_HEAD = (
+    ("model.layers.{i}.input_layernorm.weight", "layers.input_norm.scale", "copy"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.post_attn_norm.scale", "copy"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.mlp.gate_proj.kernel", "linear"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.mlp.up_proj.kernel", "linear"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.mlp.down_proj.kernel", "linear"),
+    ("model.norm.weight", "final_norm.scale", "copy"),
+    ("lm_head.weight", "lm_head.kernel", "linear"),  # dropped when embeddings are tied
+)
+
+TABLES: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "qwen2": _EMBED + _ATTN + _QKV_BIAS + _MLP_NORMS_HEAD,
+    "qwen3": _EMBED + _ATTN + _QK_NORM + _MLP_NORMS_HEAD,
+    "llama": _EMBED + _ATTN + _MLP_NORMS_HEAD,
+}
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+TIED_HEAD = "lm_head.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One parameter: where its HF tensor(s) live and how to lay them out."""
+
+    hf_name: str  # with "{i}" for per-layer tensors
+    path: str
+    transform: str
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf_name
+
+    def hf_names(self, num_layers: int) -> list[str]:
+        if not self.per_layer:
+            return [self.hf_name]
+        return [self.hf_name.format(i=i) for i in range(num_layers)]
+
+    def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of one HF tensor given the lt_jax parameter's shape."""
+        shape = tuple(shape[1:] if self.per_layer else shape)
+        return shape[::-1] if self.transform == "linear" else shape
+
+
+def tensor_maps(config: ModelConfig) -> list[TensorMap]:
+    """The rows of `config.family`'s table that apply to this config (no lm_head when tied)."""
+    rows = [TensorMap(*row) for row in TABLES[config.family]]
+    if config.tie_word_embeddings:
+        rows = [r for r in rows if r.hf_name != TIED_HEAD]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Config conversion
+
+_FAMILY_DEFAULTS = {  # what transformers 5.23's config classes assume for absent keys
+    "qwen2": {"max_position_embeddings": 32768, "head_dim": None},
+    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+    "llama": {"max_position_embeddings": 2048, "head_dim": None},
+}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def hf_to_model_config(hf_config: dict[str, Any], path: str = CONFIG_FILE, **overrides) -> ModelConfig:
+    """ModelConfig for a Hugging Face config.json dict; `path` names the file in errors.
+
+    Reads both the classic hub layout (top-level `rope_theta`, `rope_scaling` with "type" or
+    "rope_type") and transformers 5's `rope_parameters`. `overrides` set ModelConfig fields that
+    config.json does not describe (param_dtype, compute_dtype, remat, attention).
+    """
+    family = hf_config.get("model_type")
+    if family not in TABLES:
+        raise HFFormatError(
+            f"{path}: model_type {family!r} is not supported; supported: {', '.join(sorted(TABLES))}"
+        )
+    missing = [k for k in _REQUIRED if k not in hf_config]
+    if missing:
+        raise HFFormatError(f"{path}: required field {missing[0]!r} is missing")
+    _check_supported(hf_config, family, path)
+    theta, scaling = _rope(hf_config, path)
+    defaults = _FAMILY_DEFAULTS[family]
+    head_dim = hf_config.get("head_dim") or defaults["head_dim"]
+    if head_dim is not None and head_dim * hf_config["num_attention_heads"] == hf_config["hidden_size"]:
+        head_dim = None  # the derived value: keep configs comparable across families
+    fields = dict(
+        family=family,
+        vocab_size=hf_config["vocab_size"],
+        hidden_size=hf_config["hidden_size"],
+        intermediate_size=hf_config["intermediate_size"],
+        num_layers=hf_config["num_hidden_layers"],
+        num_heads=hf_config["num_attention_heads"],
+        num_kv_heads=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+        head_dim=head_dim,
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        attention_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        max_position_embeddings=hf_config.get("max_position_embeddings", defaults["max_position_embeddings"]),
+        bos_token_id=_token_id(hf_config, "bos_token_id", path),
+        eos_token_id=_token_id(hf_config, "eos_token_id", path),
+    )
+    fields.update(overrides)
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise HFFormatError(f"{path}: {e}") from e
+
+
+def _check_supported(hf: dict[str, Any], family: str, path: str) -> None:
+    """Rejects switches this decoder does not implement instead of silently ignoring them."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFFormatError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported; only 'silu'")
+    if family in ("qwen3", "llama") and hf.get("attention_bias"):
+        raise HFFormatError(f"{path}: attention_bias=true ({family} with q/k/v/o biases) is not supported")
+    if hf.get("mlp_bias"):
+        raise HFFormatError(f"{path}: mlp_bias=true is not supported")
+    if hf.get("use_sliding_window"):
+        raise HFFormatError(f"{path}: use_sliding_window=true is not supported; every layer must use full attention")
+    other = sorted({t for t in hf.get("layer_types") or () if t != "full_attention"})
+    if other:
+        raise HFFormatError(f"{path}: layer_types {other} are not supported; only 'full_attention'")
+
+
+def _rope(hf: dict[str, Any], path: str) -> tuple[float, Optional[RopeScaling]]:
+    params = dict(hf.get("rope_scaling") or {})
+    params.update(hf.get("rope_parameters") or {})  # transformers 5 folds theta and scaling in here
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise HFFormatError(f"{path}: rope type {kind!r} is not supported; supported: default, llama3")
+    names = [f.name for f in dataclasses.fields(RopeScaling) if f.name != "rope_type"]
+    absent = [n for n in names if n not in params]
+    if absent:
+        raise HFFormatError(f"{path}: llama3 rope scaling lacks field {absent[0]!r}")
+    return theta, RopeScaling(**{n: params[n] for n in names})
+
+
+def _token_id(hf: dict[str, Any], key: str, path: str) -> Optional[int]:
+    value = hf.get(key)
+    if isinstance(value, list):
+        # ModelConfig holds one eos id (Llama 3 instruct lists three): keep the first, say so.
+        log.warning("%s: %s is a list %s; keeping the first id", path, key, value)
+        value = value[0] if value else None
+    if value is not None and not isinstance(value, int):
+        raise HFFormatError(f"{path}: {key} must be an integer, got {value!r}")
+    return value
+
+
+def model_config_to_hf(config: ModelConfig, dtype: Optional[str] = None) -> dict[str, Any]:
+    """config.json contents for `config`, in the classic layout every transformers version reads."""
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[config.family]],
+        "model_type": config.family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.resolved_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "torch_dtype": dtype or config.param_dtype,
+        "use_cache": True,
+    }
+    if config.rope_scaling is not None:
+        hf["rope_scaling"] = dataclasses.asdict(config.rope_scaling)
+    hf.update(_FAMILY_SWITCHES[config.family])
+    return hf
+
+
+# Switches transformers reads per family: all off, as _check_supported requires on import.
+_FAMILY_SWITCHES = {
+    "qwen2": {"use_sliding_window": False},
+    "qwen3": {"attention_bias": False, "use_sliding_window": False},
+    "llama": {"attention_bias": False, "mlp_bias": False},
+}
+
+
+def generation_config(config: ModelConfig, tokenizer_dir: Optional[str] = None) -> dict[str, Any]:
+    """generation_config.json: the model's bos/eos, plus the tokenizer's eos_token when it differs.
+
+    A base model's eos is often <|endoftext|> while its chat template ends turns with another
+    token (<|im_end|>); after SFT on that template, generation must stop at both.
+    """
+    candidates = (config.eos_token_id, tokenizer_eos_id(tokenizer_dir) if tokenizer_dir else None)
+    eos = list(dict.fromkeys(i for i in candidates if i is not None))
+    ids = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def tokenizer_eos_id(tokenizer_dir: str) -> Optional[int]:
+    """Id of tokenizer_config.json's eos_token, looked up among the added tokens; None if absent."""
+    config_path = storage.join(tokenizer_dir, "tokenizer_config.json")
+    if not storage.exists(config_path):
+        return None
+    tok_config = json.loads(storage.read_text(config_path))
+    eos = tok_config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    added = {spec.get("content"): int(i) for i, spec in (tok_config.get("added_tokens_decoder") or {}).items()}
+    tok_json = storage.join(tokenizer_dir, "tokenizer.json")
+    if eos and eos not in added and storage.exists(tok_json):
+        added.update({t["content"]: t["id"] for t in json.loads(storage.read_text(tok_json)).get("added_tokens", [])})
+    return added.get(eos) if eos else None
+
+
+def read_config(path: str, **overrides) -> ModelConfig:
+    """ModelConfig of the Hugging Face folder at `path` (local or gs://)."""
+    config_path = storage.join(path, CONFIG_FILE)
+    if not storage.exists(config_path):
+        raise HFFormatError(f"{path}: no {CONFIG_FILE} in this folder (is it a Hugging Face model folder?)")
+    try:
+        hf = json.loads(storage.read_text(config_path))
+    except json.JSONDecodeError as e:
+        raise HFFormatError(f"{config_path}: invalid JSON: {e}") from e
+    return hf_to_model_config(hf, config_path, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Safetensors catalog and slice reads
+
+
+def _np_dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes
+
+    return {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+            "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    file: str  # full path of the .safetensors file holding the tensor
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets of the data in `file`
+    end: int
+
+
+class SafetensorsFolder:
+    """The tensors of a Hugging Face folder (single file or sharded with an index) and slice reads.
+
+    `source` is the file errors should name for a missing tensor: the index or model.safetensors.
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.remote = storage.is_remote(self.path)
+        self._fs = storage.filesystem(self.path)
+        self._handles: dict[str, Any] = {}
+        self.source, names_by_file = self._layout()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file, names in names_by_file.items():
+            header = self._header(file)
+            for name in header if names is None else names:
+                if name not in header:
+                    raise HFFormatError(f"{file}: tensor {name!r} is listed in {INDEX_FILE} but not stored here")
+                self.tensors[name] = header[name]
+
+    def _layout(self) -> tuple[str, dict[str, Optional[list[str]]]]:
+        index_path = storage.join(self.path, INDEX_FILE)
+        single = storage.join(self.path, SINGLE_FILE)
+        if storage.exists(index_path):
+            try:
+                weight_map = json.loads(storage.read_text(index_path))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise HFFormatError(f"{index_path}: not a safetensors index ({e!r})") from e
+            by_file: dict[str, list[str]] = {}
+            for name, file in weight_map.items():
+                by_file.setdefault(storage.join(self.path, file), []).append(name)
+            for file in by_file:
+                if not storage.exists(file):
+                    raise HFFormatError(f"{index_path}: refers to {file}, which does not exist")
+            return index_path, by_file
+        if storage.exists(single):
+            return single, {single: None}
+        raise HFFormatError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} in this folder")
+
+    def _header(self, file: str) -> dict[str, TensorInfo]:
+        """Parses a safetensors header (u64 little-endian length, then JSON) with two range reads."""
+        dtypes = _np_dtypes()
+        n = int.from_bytes(self._fs.cat_file(file, start=0, end=8), "little")
+        try:
+            header = json.loads(self._fs.cat_file(file, start=8, end=8 + n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HFFormatError(f"{file}: not a safetensors file ({e})") from e
+        out = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if meta["dtype"] not in dtypes:
+                raise HFFormatError(
+                    f"{file}: tensor {name!r} has dtype {meta['dtype']}; expected one of {', '.join(dtypes)}"
+                )
+            begin, end = meta["data_offsets"]
+            out[name] = TensorInfo(file, meta["dtype"], tuple(meta["shape"]), 8 + n + begin, 8 + n + end)
+        return out
+
+    def read(self, requests: Sequence[tuple[str, tuple[slice, ...]]]) -> list[np.ndarray]:
+        """`tensor[index]` for each (tensor name, index of one slice per dimension)."""
+        if self.remote:
+            return self._read_ranges(requests)
+        from safetensors import safe_open
+
+        out = []
+        for name, index in requests:
+            file = self.tensors[name].file
+            if file not in self._handles:
+                self._handles[file] = safe_open(file, framework="numpy")
+            out.append(self._handles[file].get_slice(name)[index])
+        return out
+
+    def _read_ranges(self, requests: Sequence[tuple[str, tuple[slice, ...]]]) -> list[np.ndarray]:
+        """Fetches only the leading-axis rows each request needs, all requests concurrently."""
+        dtypes = _np_dtypes()
+        plans = []
+        for name, index in requests:
+            info = self.tensors[name]
+            dtype = dtypes[info.dtype]
+            rows = range(info.shape[0])[index[0]] if info.shape else range(1)
+            row_bytes = int(np.prod(info.shape[1:], dtype=np.int64)) * dtype.itemsize
+            start = info.start + rows.start * row_bytes
+            plans.append((info, dtype, rows, start, start + len(rows) * row_bytes, index))
+        fetch = [p for p in plans if p[4] > p[3]]
+        paths, starts, ends = [p[0].file for p in fetch], [p[3] for p in fetch], [p[4] for p in fetch]
+        blobs = iter(self._fs.cat_ranges(paths, starts, ends, on_error="raise") if fetch else [])
+        out = []
+        for info, dtype, rows, start, end, index in plans:
+            data = next(blobs) if end > start else b""
+            block = np.frombuffer(data, dtype=dtype).reshape((len(rows),) + info.shape[1:])
+            out.append(block[(slice(None),) + tuple(index[1:])] if info.shape else block.reshape(()))
+        return out
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_table(maps: Sequence[TensorMap], params: dict[str, Any], family: str) -> None:
+    """The table and the model's parameter tree must name exactly the same paths."""
+    mapped = {m.path for m in maps}
+    if mapped != set(params):
+        raise AssertionError(
+            f"{family} table out of sync with the model: unmapped {sorted(set(params) - mapped)}, "
+            f"unknown {sorted(mapped - set(params))}"
+        )
+
+
+def _expected_tensors(maps: Sequence[TensorMap], params: dict[str, Any], num_layers: int) -> dict[str, tuple]:
+    return {name: m.hf_shape(params[m.path].shape) for m in maps for name in m.hf_names(num_layers)}
+
+
+def check_tensors(folder: SafetensorsFolder, config: ModelConfig, expected: dict[str, tuple]) -> None:
+    """Every expected tensor present with its shape, nothing unexpected; errors name file and tensor."""
+    for name, shape in expected.items():
+        info = folder.tensors.get(name)
+        if info is None:
+            raise HFFormatError(f"{folder.source}: tensor {name!r} is missing (a {config.family} model needs it)")
+        if info.shape != tuple(shape):
+            raise HFFormatError(
+                f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json implies {list(shape)}"
+            )
+    extra = [n for n in folder.tensors if n not in expected and not any(p.search(n) for p in IGNORED_TENSORS)]
+    if config.tie_word_embeddings and TIED_HEAD in extra:
+        _check_tied_head(folder)
+        extra.remove(TIED_HEAD)
+    if extra:
+        info = folder.tensors[extra[0]]
+        more = f" ({len(extra)} unexpected tensors in all)" if len(extra) > 1 else ""
+        raise HFFormatError(
+            f"{info.file}: unexpected tensor {extra[0]!r}: not part of a {config.family} model with this "
+            f"config.json{more}"
+        )
+
+
+def _check_tied_head(folder: SafetensorsFolder, rows_per_read: int = 8192) -> None:
+    """A tied checkpoint may still store lm_head.weight, but only as a copy of the embedding."""
+    head, emb = folder.tensors[TIED_HEAD], folder.tensors[_EMBED[0][0]]
+    same = head.shape == emb.shape and head.dtype == emb.dtype
+    for r in range(0, head.shape[0] if same else 0, rows_per_read):
+        rows = (slice(r, min(r + rows_per_read, head.shape[0])), slice(None))
+        a, b = folder.read([(TIED_HEAD, rows), (_EMBED[0][0], rows)])
+        if not np.array_equal(a, b):
+            same = False
+            break
+    if not same:
+        raise HFFormatError(
+            f"{head.file}: tensor {TIED_HEAD!r} differs from {_EMBED[0][0]!r}, but config.json sets "
+            "tie_word_embeddings=true"
+        )
+
+
+def _read_param(folder: SafetensorsFolder, m: TensorMap, shape: tuple, index, num_layers: int) -> np.ndarray:
+    """The block `index` of the lt_jax parameter `m.path`, read from its HF tensor(s)."""
+    index = tuple(slice(None) for _ in shape) if index is None else tuple(index)
+    inner = index[1:] if m.per_layer else index
+    hf_index = inner[::-1] if m.transform == "linear" else inner
+    layers = range(num_layers)[index[0]] if m.per_layer else [None]
+    names = [m.hf_name if i is None else m.hf_name.format(i=i) for i in layers]
+    parts = folder.read([(name, hf_index) for name in names])
+    if m.transform == "linear":
+        parts = [p.T for p in parts]
+    return np.stack(parts) if m.per_layer else parts[0]
+
+
+def _make_array(folder: SafetensorsFolder, m: TensorMap, leaf, num_layers: int):
+    import jax
+
+    sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    dtype = np.dtype(leaf.dtype)
+    blocks: dict[tuple, np.ndarray] = {}  # replicas of one block are read once
+
+    def callback(index):
+        key = None if index is None else tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            blocks[key] = np.ascontiguousarray(_read_param(folder, m, leaf.shape, index, num_layers), dtype=dtype)
+        return blocks[key]
+
+    return jax.make_array_from_callback(tuple(leaf.shape), sharding, callback)
+
+
+def load_hf(
+    path: str,
+    mesh=None,
+    dtype: Optional[str] = None,
+    compute_dtype: Optional[str] = None,
+    max_workers: int = 4,
+    **overrides,
+):
+    """A `Transformer` from a Hugging Face folder (local or gs://) holding config.json and safetensors.
+
+    dtype: parameter dtype ("float32" by default, a lossless upcast of bf16 checkpoints);
+    compute_dtype: defaults to `dtype`. `overrides` set other ModelConfig fields (remat, attention).
+    With `mesh`, each parameter is created in its NamedSharding and each host reads only the
+    slices its devices hold. `max_workers` parameters load at a time; each holds its host-local
+    blocks in host memory until they are on device (make_array_from_callback needs them all), so
+    peak host memory is about `max_workers` x the largest parameter's host-local share.
+    """
+    from lt_jax.model import transformer as tfm
+
+    param_dtype = dtype or "float32"
+    config = read_config(path, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype, **overrides)
+    folder = SafetensorsFolder(path)
+    abstract = tfm.abstract_model(config, mesh)
+    params = tfm.flat_abstract_state(abstract)
+    maps = tensor_maps(config)
+    _check_table(maps, params, config.family)
+    check_tensors(folder, config, _expected_tensors(maps, params, config.num_layers))
+    # Reads (gs:// latency, page faults) and numpy's transposes release the GIL: threads overlap them.
+    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+        futures = {m.path: pool.submit(_make_array, folder, m, params[m.path], config.num_layers) for m in maps}
+        arrays = {path: f.result() for path, f in futures.items()}
+    folder.close()
+    return tfm.model_from_state(abstract, arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _ordered_entries(maps: Sequence[TensorMap], num_layers: int) -> list[tuple[str, TensorMap, Optional[int]]]:
+    """(HF name, row, layer) in the order transformers writes them: embeddings, layers, norm, head."""
+    first = next(k for k, m in enumerate(maps) if m.per_layer)
+    head = [(m.hf_name, m, None) for m in maps[:first] if not m.per_layer]
+    layers = [(m.hf_name.format(i=i), m, i) for i in range(num_layers) for m in maps if m.per_layer]
+    tail = [(m.hf_name, m, None) for m in maps[first:] if not m.per_layer]
+    return head + layers + tail
+
+
+def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy split of (name, bytes) in order; a tensor larger than the limit gets its own shard."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes:
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+
+
+def _to_host(array, layer: Optional[int], transform: str, dtype: np.dtype) -> np.ndarray:
+    """One HF tensor on the host: slice one layer on device, gather it (all processes), cast, transpose."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if layer is not None:
+        array = _take_layer(array, layer)
+    if jax.process_count() > 1:
+        host = np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    else:
+        host = np.asarray(jax.device_get(array))
+    host = host.astype(dtype, copy=False)
+    return np.ascontiguousarray(host.T if transform == "linear" else host)
+
+
+@functools.cache
+def _layer_taker():
+    import jax
+
+    # The layer index is traced: one compile per parameter shape, not one per layer.
+    return jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False))
+
+
+def _take_layer(array, layer: int):
+    return _layer_taker()(array, np.int32(layer))
+
+
+def save_hf(
+    model,
+    out_dir: str,
+    tokenizer_dir: Optional[str] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: Optional[str] = None,
+    generation: Optional[dict[str, Any]] = None,
+) -> list[str]:
+    """Writes `model` as a Hugging Face folder (local or gs://); returns the file names written.
+
+    Safetensors are split at `max_shard_bytes` (with model.safetensors.index.json) and written in
+    `dtype` (default: the parameter dtype). Parameters are gathered one tensor (one layer) at a time;
+    every process must call this, process 0 writes. Tokenizer files from `tokenizer_dir` are copied
+    byte for byte, so the chat template is the one used in training. `generation` replaces the
+    derived generation_config.json (see `generation_config`).
+    """
+    import jax
+    import jax.numpy as jnp
+    from safetensors.numpy import save as save_safetensors
+
+    from lt_jax.model import transformer as tfm
+
+    config = model.config
+    params = tfm.flat_abstract_state(model)
+    maps = tensor_maps(config)
+    _check_table(maps, params, config.family)
+    out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    entries = _ordered_entries(maps, config.num_layers)
+    by_name = {name: (m, layer) for name, m, layer in entries}
+    sizes = [(n, int(np.prod(m.hf_shape(params[m.path].shape))) * out_dtype.itemsize) for n, m, _ in entries]
+    shards = plan_shards(sizes, max_shard_bytes)
+    files = shard_file_names(len(shards))
+    # Inputs are checked on every process before the gathers, so a bad tokenizer folder fails
+    # fast and everywhere instead of after the weights (or in one process while others wait).
+    tokenizer_files = tokenizer_file_names(tokenizer_dir) if tokenizer_dir is not None else []
+    generation = generation_config(config, tokenizer_dir) if generation is None else generation
+    writer = jax.process_index() == 0
+    if writer:
+        _remove_old_weights(out_dir)
+    for file, names in zip(files, shards):
+        tensors = {}
+        for name in names:
+            m, layer = by_name[name]
+            tensors[name] = _to_host(params[m.path], layer, m.transform, out_dtype)
+        if writer:
+            storage.write_bytes(storage.join(out_dir, file), save_safetensors(tensors, metadata={"format": "pt"}))
+        del tensors
+    written = list(files)
+    if writer:
+        written += _write_metadata(out_dir, config, files, shards, dict(sizes), str(out_dtype), generation)
+        for name in tokenizer_files:  # byte for byte: the chat template stays the training one
+            storage.write_bytes(storage.join(out_dir, name), storage.read_bytes(storage.join(tokenizer_dir, name)))
+        written += tokenizer_files
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lt_jax.save_hf")
+    return written
+
+
+def _write_metadata(out_dir, config, files, shards, sizes, dtype, generation) -> list[str]:
+    written = []
+    if len(files) > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": {name: file for file, names in zip(files, shards) for name in names},
+        }
+        storage.write_text(storage.join(out_dir, INDEX_FILE), json.dumps(index, indent=2) + "\n")
+        written.append(INDEX_FILE)
+    hf_config = model_config_to_hf(config, dtype)
+    storage.write_text(storage.join(out_dir, CONFIG_FILE), json.dumps(hf_config, indent=2) + "\n")
+    storage.write_text(storage.join(out_dir, GENERATION_CONFIG_FILE), json.dumps(generation, indent=2) + "\n")
+    return written + [CONFIG_FILE, GENERATION_CONFIG_FILE]
+
+
+def _remove_old_weights(out_dir: str) -> None:
+    """A previous export with another shard count would leave files the new index does not name."""
+    if not storage.exists(out_dir) or not storage.isdir(out_dir):
+        return
+    for name in storage.listdir(out_dir):
+        if name == INDEX_FILE or (name.startswith("model") and name.endswith(".safetensors")):
+            log.info("removing %s from a previous export", storage.join(out_dir, name))
+            storage.remove(storage.join(out_dir, name))
+
+
+def tokenizer_file_names(tokenizer_dir: str) -> list[str]:
+    """The tokenizer files (and *.jinja chat templates) in `tokenizer_dir`; an error if none."""
+    if not storage.exists(tokenizer_dir):
+        raise HFFormatError(f"{tokenizer_dir}: tokenizer folder does not exist")
+    names = [n for n in storage.listdir(tokenizer_dir) if n in TOKENIZER_FILES or n.endswith(".jinja")]
+    if not names:
+        raise HFFormatError(f"{tokenizer_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}, *.jinja)")
+    return names

@@ -1,0 +1,390 @@
+"""The decoder: Qwen2/2.5, Qwen3 and Llama 3.x in one Flax NNX module with scanned layers.
+
+Parameter paths and shapes are the contract in `lt_jax/model/__init__.py`. Every parameter carries
+`logical_axes` metadata that `lt_jax.model.sharding.LOGICAL_RULES` maps to mesh axes.
+
+Layers are stacked (leading L axis, built with `nnx.vmap`) and run with `jax.lax.scan` over their
+split state, so compile time is flat in depth and the remat policy wraps one layer body.
+
+Turning tensors into a live model (what `lt_jax.model.hf` does):
+
+    abstract = abstract_model(config, mesh)           # leaves: ShapeDtypeStruct with .sharding
+    specs = {path: leaf for path, leaf in flat_abstract_state(abstract).items()}
+    flat = {path: jax.make_array_from_callback(s.shape, s.sharding, read_slice(path))
+            for path, s in specs.items()}             # paths like "layers.attn.q_proj.kernel"
+    model = model_from_state(abstract, flat)          # checks names/shapes, casts dtypes, nnx.merge
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lt_jax.model import sharding as shd
+from lt_jax.model.attention import attention
+from lt_jax.model.config import ModelConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_INIT = nnx.initializers.normal(0.02)  # HF's initializer_range for Qwen and Llama
+
+
+def _dtype(name: str):
+    return _DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] in float32, as transformers computes them."""
+    d = config.resolved_head_dim
+    exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs.rope_type != "llama3":
+        raise ValueError(f"rope_scaling.rope_type {rs.rope_type!r} is not supported; use llama3 or none")
+    old_len = np.float32(rs.original_max_position_embeddings)
+    low_wavelen = old_len / np.float32(rs.low_freq_factor)
+    high_wavelen = old_len / np.float32(rs.high_freq_factor)
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(rs.factor), inv_freq)
+    smooth = (old_len / wavelen - np.float32(rs.low_freq_factor)) / np.float32(
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / np.float32(rs.factor) + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [batch, seq, head_dim] in `dtype`: computed in fp32, then cast like HF does."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [batch, seq, heads, head_dim] rotated with HF's half-rotation (`rotate_half`) layout."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as HF computes it: normalise in fp32, cast back, multiply by the weight."""
+
+    def __init__(self, size: int, eps: float, param_dtype, compute_dtype):
+        self.scale = nnx.Param(jnp.ones((size,), param_dtype), logical_axes=("norm",))
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale.get_value().astype(self.compute_dtype) * y.astype(self.compute_dtype)
+
+
+def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes: tuple, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        n_in, n_out, use_bias=bias, dtype=_dtype(cfg.compute_dtype), param_dtype=_dtype(cfg.param_dtype),
+        kernel_init=_INIT, rngs=rngs,
+        kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]},
+    )
+
+
+class KVCache(NamedTuple):
+    """Decode cache. k, v: [L, batch, max_len, Nkv, D]; segment_ids, positions: [batch, max_len]
+    (segment 0 = empty slot); index: int32 scalar, the next slot written (same for every row)."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with RoPE; optional q/k bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h = cfg.resolved_head_dim, cfg.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = _linear(cfg, h, cfg.num_heads * d, ("embed", "q_heads"), bias=cfg.attention_bias, rngs=rngs)
+        self.k_proj = _linear(cfg, h, cfg.num_kv_heads * d, ("embed", "kv_heads"), bias=cfg.attention_bias, rngs=rngs)
+        self.v_proj = _linear(cfg, h, cfg.num_kv_heads * d, ("embed", "kv_heads"), bias=cfg.attention_bias, rngs=rngs)
+        self.o_proj = _linear(cfg, cfg.num_heads * d, h, ("q_heads", "embed"), bias=False, rngs=rngs)
+        if cfg.qk_norm:
+            pd, cd = _dtype(cfg.param_dtype), _dtype(cfg.compute_dtype)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, pd, cd)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pd, cd)
+        else:
+            self.q_norm = self.k_norm = None
+        self.impl = cfg.attention
+
+    def __call__(self, x, cos, sin, segment_ids, positions, cache=None):
+        """x [B, S, H] -> ([B, S, H], (k_cache, v_cache) or None).
+
+        With `cache` = (k_buf, v_buf, kv_segment_ids, kv_positions, index) for this layer, the new
+        k/v are written at `index` and attention runs over the whole buffer.
+        """
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = shd.shard_activation(q, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
+        k = shd.shard_activation(k, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+        v = shd.shard_activation(v, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+        kv_seg, kv_pos, new_cache = segment_ids, positions, None
+        if cache is not None:
+            k_buf, v_buf, kv_seg, kv_pos, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_buf, k.astype(k_buf.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_buf, v.astype(v_buf.dtype), index, axis=1)
+            new_cache = (k, v)
+        out = attention(
+            q, k.astype(q.dtype), v.astype(q.dtype),
+            q_segment_ids=segment_ids, kv_segment_ids=kv_seg, q_positions=positions, kv_positions=kv_pos,
+            impl=self.impl,
+        )
+        out = checkpoint_name(out, "attn_out")
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(cfg, h, i, ("embed", "mlp"), bias=False, rngs=rngs)
+        self.up_proj = _linear(cfg, h, i, ("embed", "mlp"), bias=False, rngs=rngs)
+        self.down_proj = _linear(cfg, i, h, ("mlp", "embed"), bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        hidden = shd.shard_activation(hidden, ("act_batch", "act_seq", "act_mlp"))
+        return self.down_proj(hidden)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd, cd = _dtype(cfg.param_dtype), _dtype(cfg.compute_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cd)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cd)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, segment_ids, positions, cache=None):
+        attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, segment_ids, positions, cache)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return shd.shard_activation(x, ("act_batch", "act_seq", "act_embed")), new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # jax.checkpoint's default: save nothing, recompute the layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
+    def make(rngs):
+        return Block(cfg, rngs=rngs)
+
+    return make(rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `__call__` returns fp32 logits [batch, seq, vocab] (and a new cache if given one)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pd, cd = _dtype(config.param_dtype), _dtype(config.compute_dtype)
+        self.embed = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=cd, param_dtype=pd, embedding_init=_INIT,
+            rngs=rngs, embedding_metadata={"logical_axes": ("vocab", "embed")},
+        )
+        self.layers = _stacked_blocks(config, rngs)
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd, cd)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, dtype=cd, param_dtype=pd,
+                kernel_init=_INIT, preferred_element_type=jnp.float32, rngs=rngs,
+                kernel_metadata={"logical_axes": ("embed", "vocab")},
+            )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        cache: Optional[KVCache] = None,
+    ):
+        """Logits [B, S, V] float32; with `cache`, (logits, updated cache).
+
+        positions default to 0..S-1 per row (or continue from the cache index); segment_ids default to
+        ones. Tokens attend to earlier-or-equal positions with the same segment id; 0 marks padding.
+        """
+        b, s = input_ids.shape
+        if positions is None:
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + start, (b, s))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, s), jnp.int32)
+        positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+        x = shd.shard_activation(self._embed(input_ids), ("act_batch", "act_seq", "act_embed"))
+        cos, sin = rope_tables(positions, rope_inv_freq(self.config), _dtype(self.config.compute_dtype))
+        x, cache = self._run_layers(x, cos, sin, segment_ids, positions, cache)
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            emb = self.embed.embedding.get_value().astype(x.dtype)
+            logits = jnp.einsum("bsh,vh->bsv", x, emb, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x)
+        logits = shd.shard_activation(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+        return logits if cache is None else (logits, cache)
+
+    def _embed(self, input_ids):
+        # Gather the table's fsdp shards first (as FSDP does for every weight): a lookup into a
+        # table sharded on its embed axis makes the partitioner replicate the whole gather.
+        table = shd.shard_activation(self.embed.embedding.get_value(), ("vocab", None))
+        # clip, not fill: an out-of-range pad id would otherwise give NaN rows that leak through 0*NaN.
+        return jnp.take(table, input_ids, axis=0, mode="clip").astype(_dtype(self.config.compute_dtype))
+
+    def _run_layers(self, x, cos, sin, segment_ids, positions, cache):
+        """jax.lax.scan of one layer body over the stacked layer state (and the cache's k/v)."""
+        graphdef, layer_state = nnx.split(self.layers)
+        kv, meta = None, None
+        if cache is not None:
+            # Slot metadata is written once and shared by every layer; k/v are scanned per layer.
+            seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
+            pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
+            kv, meta = (cache.k, cache.v), (seg, pos, cache.index)
+
+        def body(carry, xs):
+            state, layer_kv = xs
+            layer_cache = None if layer_kv is None else (*layer_kv, *meta)
+            return nnx.merge(graphdef, state)(carry, cos, sin, segment_ids, positions, layer_cache)
+
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
+        x, new_kv = jax.lax.scan(body, x, (layer_state, kv))
+        if cache is None:
+            return x, None
+        return x, KVCache(*new_kv, meta[0], meta[1], cache.index + x.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, mesh=None) -> KVCache:
+    """An empty cache (all slots segment 0), sharded by the cache_* rules when `mesh` is given."""
+    dtype = _dtype(config.compute_dtype) if dtype is None else dtype
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+
+    def make():
+        z = jnp.zeros(shape, dtype)
+        ids = jnp.zeros((batch, max_len), jnp.int32)
+        return KVCache(z, z, ids, ids, jnp.zeros((), jnp.int32))
+
+    if mesh is None:
+        return make()
+    kv = shd.logical_to_sharding(("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim"), mesh)
+    ids = shd.logical_to_sharding(("cache_batch", "cache_seq"), mesh)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(make, out_shardings=KVCache(kv, kv, ids, ids, rep))()
+
+
+def abstract_model(config: ModelConfig, mesh=None) -> Transformer:
+    """The model with every parameter a jax.ShapeDtypeStruct (with `.sharding` when `mesh` is given).
+
+    No memory is allocated. See the module docstring for filling it with `model_from_state`.
+    """
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    if mesh is None:
+        return abstract
+    graphdef, state = nnx.split(abstract)
+    shardings = shd.state_shardings(state, mesh)
+
+    def attach(v, s):
+        value = v.get_value()
+        return v.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=s.get_value()))
+
+    state = jax.tree.map(attach, state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
+
+
+def init_model(config: ModelConfig, mesh=None, seed: int = 0) -> Transformer:
+    """A randomly initialised model whose parameters are created directly in their shardings."""
+    graphdef, init = _compiled_init(config, mesh)
+    if mesh is None:
+        return nnx.merge(graphdef, init(jax.random.key(seed)))
+    with jax.set_mesh(mesh):
+        return nnx.merge(graphdef, init(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(config: ModelConfig, mesh):
+    """(graphdef, jitted key -> state); cached because compiling the RNG graph takes seconds on CPU."""
+    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+
+    def make(key):
+        return nnx.state(Transformer(config, rngs=nnx.Rngs(key)))
+
+    if mesh is None:
+        return graphdef, jax.jit(make)
+    return graphdef, jax.jit(make, out_shardings=shd.state_shardings(abs_state, mesh))
+
+
+def flat_abstract_state(model: Transformer) -> dict[str, jax.ShapeDtypeStruct | jax.Array]:
+    """{"layers.attn.q_proj.kernel": leaf, ...}: the model's parameters by contract path."""
+    return {".".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def model_from_state(abstract: Transformer, flat: dict[str, jax.Array]) -> Transformer:
+    """A live model from an abstract one and {path: array}. Every path must be given, with its shape;
+    arrays of another dtype are cast to the parameter dtype (e.g. bf16 checkpoint, fp32 params)."""
+    graphdef, state = nnx.split(abstract)
+    expected = nnx.to_flat_state(state)
+    names = {".".join(str(p) for p in path) for path, _ in expected}
+    missing, extra = sorted(names - set(flat)), sorted(set(flat) - names)
+    if missing or extra:
+        raise KeyError(f"model_from_state: missing parameters {missing}, unexpected parameters {extra}")
+    leaves = []
+    for path, var in expected:
+        name = ".".join(str(p) for p in path)
+        want, got = var.get_value(), flat[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"model_from_state: {name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        if got.dtype != want.dtype:
+            got = got.astype(want.dtype)
+        leaves.append((path, var.replace(got)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))

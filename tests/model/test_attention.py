@@ -1,0 +1,157 @@
+"""attention(): the XLA path against a per-segment numpy reference, splash (Pallas interpret mode)
+against XLA with segment ids, and the cuDNN packed-layout offsets."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lt_jax.model import sharding as shd
+from lt_jax.model.attention import attention, resolve_impl, segment_offsets, splash_attention
+
+
+def _packed_inputs(batch=4, seq=128, heads=4, kv_heads=2, dim=32, seed=0):
+    """Random q/k/v plus rows holding several documents and trailing padding (segment 0)."""
+    rng = np.random.RandomState(seed)
+    q = rng.randn(batch, seq, heads, dim).astype(np.float32)
+    k = rng.randn(batch, seq, kv_heads, dim).astype(np.float32)
+    v = rng.randn(batch, seq, kv_heads, dim).astype(np.float32)
+    seg = np.zeros((batch, seq), np.int32)
+    pos = np.zeros((batch, seq), np.int32)
+    for b in range(batch):
+        end = seq - 3 * b  # the last 3*b tokens are padding
+        cuts = sorted(rng.choice(np.arange(1, end), size=min(b + 1, end - 1), replace=False))
+        bounds = [0, *cuts, end]
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            seg[b, lo:hi] = i + 1
+            pos[b, lo:hi] = np.arange(hi - lo)
+    return q, k, v, seg, pos
+
+
+def _reference(q, k, v, seg, pos):
+    """Each document separately: plain causal softmax attention with kv heads repeated per group."""
+    batch, seq, heads, dim = q.shape
+    group = heads // k.shape[2]
+    out = np.zeros_like(q)
+    for b in range(batch):
+        for s in set(seg[b].tolist()) - {0}:
+            idx = np.nonzero(seg[b] == s)[0]
+            for h in range(heads):
+                qs, ks, vs = q[b, idx, h], k[b, idx, h // group], v[b, idx, h // group]
+                logits = qs @ ks.T / np.sqrt(dim)
+                logits = np.where(np.tril(np.ones((len(idx), len(idx)), bool)), logits, -np.inf)
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                out[b, idx, h] = (p / p.sum(-1, keepdims=True)) @ vs
+    return out
+
+
+def _call(impl, q, k, v, seg, pos):
+    return attention(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_segment_ids=seg, kv_segment_ids=seg,
+        q_positions=pos, kv_positions=pos, impl=impl,
+    )
+
+
+def test_xla_matches_per_segment_reference():
+    q, k, v, seg, pos = _packed_inputs()
+    out = np.asarray(jax.jit(_call, static_argnums=0)("xla", q, k, v, seg, pos))
+    ref = _reference(q, k, v, seg, pos)
+    real = seg > 0
+    np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    assert np.isfinite(out).all(), "padding tokens must not produce NaN/inf"
+
+
+def test_xla_causality_uses_positions_for_a_cache():
+    """A query at position p sees cache slots with positions <= p in its segment, and nothing else."""
+    q, k, v, _, _ = _packed_inputs(batch=1, seq=8, heads=2, kv_heads=1, dim=8)
+    q1 = q[:, 5:6]
+    kv_seg = np.array([[1, 1, 1, 1, 1, 1, 0, 0]], np.int32)  # last two slots empty
+    kv_pos = np.array([[0, 1, 2, 3, 4, 5, 0, 0]], np.int32)
+    out = attention(
+        jnp.asarray(q1), jnp.asarray(k), jnp.asarray(v), q_segment_ids=np.ones((1, 1), np.int32),
+        kv_segment_ids=kv_seg, q_positions=np.array([[5]], np.int32), kv_positions=kv_pos,
+    )
+    full = _reference(q[:, :6], k[:, :6], v[:, :6], np.ones((1, 6), np.int32), None)
+    np.testing.assert_allclose(np.asarray(out)[0, 0], full[0, 5], atol=1e-5)
+
+
+def test_gqa_group_layout_matches_hf_repeat_kv():
+    """q head h reads kv head h // group (HF's repeat_kv): permuting kv heads must change the output."""
+    q, k, v, seg, pos = _packed_inputs(batch=1, seq=16, heads=4, kv_heads=2, dim=8)
+    out = np.asarray(_call("xla", q, k, v, seg, pos))
+    swapped = np.asarray(_call("xla", q, k[:, :, ::-1], v[:, :, ::-1], seg, pos))
+    np.testing.assert_allclose(out[:, :, :2], _reference(q, k, v, seg, pos)[:, :, :2], atol=1e-5)
+    assert not np.allclose(out[:, :, :2], swapped[:, :, :2])
+
+
+def test_splash_interpret_matches_xla_with_segments_and_grads():
+    q, k, v, seg, pos = _packed_inputs(batch=2, seq=128, heads=4, kv_heads=2, dim=64)
+    scale = 64**-0.5
+
+    def loss(impl, q, k, v):
+        if impl == "splash":
+            out = splash_attention(q, k, v, seg, seg, True, scale, interpret=True)
+        else:
+            out = _call("xla", q, k, v, seg, pos)
+        return jnp.sum(jnp.where(seg[..., None, None] > 0, out, 0.0) ** 2)
+
+    args = tuple(jnp.asarray(a) for a in (q, k, v))
+    val_s, grads_s = jax.value_and_grad(lambda *a: loss("splash", *a), argnums=(0, 1, 2))(*args)
+    val_x, grads_x = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(*args)
+    np.testing.assert_allclose(val_s, val_x, rtol=1e-5)
+    for gs, gx in zip(grads_s, grads_x):
+        np.testing.assert_allclose(gs, gx, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tensor", [2, 4])
+def test_splash_shard_map_on_mesh_matches_xla(tensor):
+    """Batch over data/fsdp, heads over tensor; tensor=4 > kv_heads=2 exercises the kv-head slicing."""
+    q, k, v, seg, pos = _packed_inputs(batch=4, seq=128, heads=4, kv_heads=2, dim=32, seed=1)
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=-1, tensor=tensor))
+    with jax.set_mesh(mesh):
+        fn = jax.jit(lambda q, k, v: splash_attention(q, k, v, seg, seg, True, 32**-0.5, interpret=True))
+        out = np.asarray(fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
+    ref = np.asarray(_call("xla", q, k, v, seg, pos))
+    real = seg > 0
+    np.testing.assert_allclose(out[real], ref[real], atol=1e-5)
+
+
+def test_splash_rejects_unaligned_length():
+    q, k, v, seg, _ = _packed_inputs(batch=1, seq=96, heads=2, kv_heads=1, dim=8)
+    with pytest.raises(ValueError, match="divisible by 128"):
+        splash_attention(q, k, v, seg, seg, True, 1.0, interpret=True)
+
+
+def test_cudnn_segment_offsets_follow_packed_layout():
+    seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
+    lens, offsets = segment_offsets(jnp.asarray(seg), max_segments=5)
+    np.testing.assert_array_equal(lens, [[3, 2, 1, 2, -1], [8, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, 6, -1, -1], [0, -1, -1, -1, -1, -1]])
+    # offsets and lengths tile each row exactly
+    for row_lens, row_offs in zip(np.asarray(lens), np.asarray(offsets)):
+        n = (row_lens > 0).sum()
+        assert row_offs[n - 1] + row_lens[n - 1] == seg.shape[1]
+        np.testing.assert_array_equal(row_offs[1:n], (row_offs[:-1] + row_lens)[: n - 1])
+
+
+def test_resolve_impl():
+    assert resolve_impl("auto", 128, 128) == {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "xla")
+    assert resolve_impl("auto", 128, 128, jnp.float32) in ("xla", "splash")  # cuDNN flash has no fp32
+    assert resolve_impl("splash", 1, 64) == "xla"  # decoding against a cache
+    assert resolve_impl("cudnn", 64, 64) == "cudnn"
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        q = jnp.zeros((1, 4, 2, 8))
+        attention(q, q, q, q_segment_ids=jnp.ones((1, 4), jnp.int32), kv_segment_ids=jnp.ones((1, 4), jnp.int32),
+                  q_positions=jnp.zeros((1, 4), jnp.int32), kv_positions=jnp.zeros((1, 4), jnp.int32), impl="bogus")
+
+
+def test_cudnn_segment_overflow_fails_loudly():
+    from lt_jax.model.attention import _check_segment_count
+
+    seg = jnp.asarray(np.repeat(np.arange(1, 9, dtype=np.int32), 2)[None])  # 8 runs
+    jax.jit(lambda s: _check_segment_count(s, 8))(seg)  # fits
+    with pytest.raises(Exception, match="holds 9 segments.*built for 8"):
+        jax.block_until_ready(jax.jit(lambda s: _check_segment_count(s, 8))(jnp.concatenate([seg, seg[:, :1]], 1)))
+        jax.effects_barrier()
