@@ -1,0 +1,339 @@
+"""`lt_jax.generate`: text in, text out, over the KV-cache sampler; and the `lt-jax sample` command.
+
+    model = lt_jax.load_hf("Qwen2.5-1.5B-Instruct")          # or load_model(checkpoint=...)
+    tok = transformers.AutoTokenizer.from_pretrained("Qwen2.5-1.5B-Instruct")
+    out = lt_jax.generate(model, tok, [[{"role": "user", "content": "1+1?"}]],
+                          SamplingParams(n=4, temperature=0.6, top_p=0.95, max_new_tokens=2048))
+    out[0].samples[0].text, out[0].samples[0].finish_reason
+
+Prompts are strings (tokenized as is, with the tokenizer's special tokens such as BOS) or chat
+conversations (rendered with the tokenizer's chat template and `add_generation_prompt=True`).
+All prompts of one call go through one prefill; the n samples of a prompt share it.
+
+    lt-jax sample --hf DIR | --checkpoint DIR [--step S] [--tokenizer DIR] --prompt TEXT [--prompt ...]
+                  [--n 4 --temperature 0.6 --top-p 0.95 --top-k 0 --seed 0 --max-new-tokens 1024]
+                  [--stop STR ...] [--raw] [--system TEXT] [--mesh data=1,fsdp=-1,tensor=1] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+from typing import Any, Optional, Sequence, Union
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+Prompt = Union[str, Sequence[Message]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 0 is greedy; top_k 0 (or None) and top_p 1 are off. `stop`
+    strings end a sample (not included in its text); EOS ids of the tokenizer/model and
+    `stop_token_ids` end it too (unless `ignore_eos`, which ignores only the EOS ids)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = 0
+    max_new_tokens: int = 1024
+    seed: Optional[int] = 0  # None: fresh entropy per call
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+        object.__setattr__(self, "top_k", int(self.top_k or 0))
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    text: str
+    token_ids: tuple[int, ...]  # generated tokens, including the EOS / stop token that ended it
+    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" (max_new_tokens)
+    stop_reason: Any = None  # the stop token id or stop string, when finish_reason is "stop"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    prompt: str  # the prompt text as the model saw it (chat template applied)
+    prompt_token_ids: tuple[int, ...]
+    samples: tuple[Sample, ...]
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for s in self.samples]
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> tuple[str, list[int]]:
+    """(text, ids) of one prompt: a string as is, a conversation through the chat template."""
+    if isinstance(prompt, str):
+        return prompt, list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    messages = list(prompt)
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise ValueError("a chat prompt must be a list of {'role': ..., 'content': ...} messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; pass prompts as strings")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template already wrote any BOS, so no special tokens are added again.
+    return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS and the model config's EOS (a base model and its chat template often
+    disagree: <|endoftext|> vs <|im_end|>; generation must stop at both)."""
+    ids = [getattr(tokenizer, "eos_token_id", None), getattr(model.config, "eos_token_id", None)]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _normalise_prompts(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], dict):  # one conversation
+        return [prompts]
+    return prompts
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Union[Prompt, Sequence[Prompt]],
+    params: Optional[SamplingParams] = None,
+    *,
+    seeds: Optional[Sequence[int]] = None,
+    eos_ids: Optional[Sequence[int]] = None,
+    mesh=None,
+    config=None,
+    max_batch_rows: int = 256,
+) -> list[GenerationResult]:
+    """Samples `params.n` continuations of every prompt; results in prompt order.
+
+    Prompts go to the sampler in batches of at most `max_batch_rows` sequences (prompts x n; a
+    prompt's n samples stay in one batch and share its prefill). seeds: one seed per prompt
+    (default: `params.seed` for all); sample j of a prompt seeded s is the same whatever else is in
+    the batch. eos_ids: override the EOS ids (default: `eos_token_ids(model, tokenizer)`).
+    mesh: default the mesh the parameters are sharded over.
+    """
+    from lt_jax.sample import sampler as smp
+
+    params = params or SamplingParams()
+    prompts = _normalise_prompts(prompts)
+    if not prompts:
+        return []
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    eos = () if params.ignore_eos else tuple(eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer))
+    stop_ids = tuple(dict.fromkeys(eos + params.stop_token_ids))
+    entropy = _fresh_seed() if params.seed is None else None
+    decode = make_decoder(tokenizer, params.skip_special_tokens)
+    sampler = smp.Sampler(model, mesh, config or smp.SamplerConfig())
+    per_batch = max(1, max_batch_rows // params.n)
+    out = []
+    for start in range(0, len(prompts), per_batch):
+        group = range(start, min(start + per_batch, len(prompts)))
+        rows = []
+        for k, i in enumerate(group):
+            base = seeds[i] if seeds is not None else (params.seed if entropy is None else entropy + i)
+            rows += [smp.RowSpec(
+                prompt=k, seed=smp.row_seed(base, j), temperature=params.temperature, top_p=params.top_p,
+                top_k=params.top_k, max_new_tokens=params.max_new_tokens, stop_token_ids=stop_ids, stop=params.stop,
+            ) for j in range(params.n)]
+        results = sampler.run([encoded[i][1] for i in group], rows, decode)
+        for k, i in enumerate(group):
+            samples = tuple(to_sample(decode, results[k * params.n + j]) for j in range(params.n))
+            out.append(GenerationResult(encoded[i][0], tuple(encoded[i][1]), samples))
+    return out
+
+
+def _fresh_seed() -> int:
+    import os
+
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def make_decoder(tokenizer, skip_special_tokens: bool):
+    """ids -> text with the tokenizer (the sampler's host side only needs this function)."""
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def to_sample(decode, res) -> Sample:
+    """A finished sampler row as a Sample: text without the stop token / stop string."""
+    from lt_jax.sample.detokenize import final_text
+
+    ended_by_token = res.finish_reason == "stop" and isinstance(res.stop_reason, int)
+    text = final_text(decode, res.tokens, res.stream, drop_last=ended_by_token)
+    return Sample(text, tuple(res.tokens), res.finish_reason, res.stop_reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading (shared with the server's model backend and eval)
+
+
+def load_model(checkpoint: Optional[str] = None, hf: Optional[str] = None, *, step: Optional[int] = None,
+               mesh=None, dtype: Optional[str] = None):
+    """A Transformer from an lt_jax checkpoint or a Hugging Face folder (local or gs://), sharded
+    over `mesh`. dtype sets the parameter and compute dtype (e.g. "bfloat16" to halve memory)."""
+    if (checkpoint is None) == (hf is None):
+        raise ValueError("load_model: give exactly one of checkpoint= or hf=")
+    if hf is not None:
+        from lt_jax.model.hf import load_hf
+
+        return load_hf(hf, mesh=mesh, dtype=dtype)
+    from lt_jax.train.checkpoint import load_model_checkpoint
+
+    overrides = {"param_dtype": dtype, "compute_dtype": dtype} if dtype else {}
+    return load_model_checkpoint(checkpoint, step=step, mesh=mesh, **overrides)
+
+
+def generation_config_eos(folder: str) -> tuple[int, ...]:
+    """EOS ids listed in a Hugging Face folder's generation_config.json (none when absent)."""
+    from lt_jax import storage
+
+    path = storage.join(folder, "generation_config.json")
+    if not storage.exists(path):
+        return ()
+    eos = json.loads(storage.read_text(path)).get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return tuple(int(i) for i in eos)
+
+
+def load_tokenizer(path: str):
+    """A transformers tokenizer from a folder (local or gs://; remote folders are copied locally)."""
+    from transformers import AutoTokenizer
+
+    from lt_jax import storage
+
+    local = storage.download_dir(path, tempfile.mkdtemp(prefix="lt_jax_tok_")) if storage.is_remote(path) else path
+    return AutoTokenizer.from_pretrained(local)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_model_arguments(parser, *, with_source: bool = True) -> None:
+    """Flags shared by `lt-jax sample` and `lt-jax serve --checkpoint/--hf`."""
+    if with_source:
+        src = parser.add_mutually_exclusive_group(required=True)
+        src.add_argument("--checkpoint", help="lt_jax Orbax checkpoint directory (local or gs://)")
+        src.add_argument("--hf", help="Hugging Face model folder (local or gs://)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the --hf folder; required with --checkpoint)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="parameter/compute dtype")
+    parser.add_argument("--mesh", default="fsdp=-1", help="mesh axis sizes, e.g. data=1,fsdp=-1,tensor=1")
+    parser.add_argument("--chunk-size", type=int, default=64, help="decode steps per device call")
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompt-file", help="a file with one prompt per line (JSON string or chat message list)")
+    parser.add_argument("--raw", action="store_true", help="tokenize prompts as is (no chat template)")
+    parser.add_argument("--system", help="system message for chat prompts")
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--out", help="write results as JSONL here (local or gs://) instead of printing texts")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    eos_ids: tuple[int, ...]  # tokenizer + model config + generation_config.json
+    config: Any  # SamplerConfig
+    mesh: Any
+    name: str
+
+
+def load_from_args(args) -> LoadedModel:
+    """The model, tokenizer and sampling setup the shared model flags describe."""
+    from lt_jax.model.hf_cli import parse_mesh
+    from lt_jax.model.sharding import make_mesh
+    from lt_jax.sample.sampler import SamplerConfig
+
+    if args.checkpoint and not args.tokenizer:
+        raise SystemExit("--checkpoint needs --tokenizer DIR (checkpoints hold no tokenizer)")
+    mesh = make_mesh(parse_mesh(args.mesh))
+    model = load_model(args.checkpoint, args.hf, step=args.step, mesh=mesh, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or args.hf)
+    eos = eos_token_ids(model, tokenizer) + (generation_config_eos(args.hf) if args.hf else ())
+    name = (args.hf or args.checkpoint).rstrip("/").rsplit("/", 1)[-1]
+    return LoadedModel(model, tokenizer, tuple(dict.fromkeys(eos)), SamplerConfig(chunk_size=args.chunk_size),
+                       mesh, name)
+
+
+def read_prompts(args) -> list[Prompt]:
+    """--prompt values and --prompt-file lines, as chat conversations unless --raw."""
+    from lt_jax import storage
+
+    texts: list[Any] = list(args.prompt)
+    if args.prompt_file:
+        for n, line in enumerate(storage.read_text(args.prompt_file).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{args.prompt_file}:{n}: expected a JSON string or message list: {e}")
+    if not texts:
+        raise SystemExit("lt-jax sample: give --prompt TEXT or --prompt-file FILE")
+    out: list[Prompt] = []
+    for t in texts:
+        if isinstance(t, list) or args.raw:
+            out.append(t)
+        else:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            out.append(system + [{"role": "user", "content": str(t)}])
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prompts = read_prompts(args)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
+    lm = load_from_args(args)
+    results = generate(lm.model, lm.tokenizer, prompts, params, eos_ids=lm.eos_ids, mesh=lm.mesh, config=lm.config)
+    if args.out:
+        from lt_jax import storage
+
+        lines = [json.dumps({"prompt": r.prompt, "prompt_tokens": len(r.prompt_token_ids), "samples": [
+            {"text": s.text, "num_tokens": s.num_tokens, "finish_reason": s.finish_reason} for s in r.samples
+        ]}, ensure_ascii=False) for r in results]
+        storage.write_text(args.out, "\n".join(lines) + "\n")
+        print(f"wrote {len(results)} results to {args.out}", file=sys.stderr)
+        return 0
+    for i, r in enumerate(results):
+        for j, s in enumerate(r.samples):
+            print(f"=== prompt {i} sample {j} ({s.num_tokens} tokens, {s.finish_reason}) ===")
+            print(s.text)
+    return 0
