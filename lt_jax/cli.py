@@ -15,24 +15,55 @@ import sys
 # (command, module, one-line help). Modules keep heavy imports (jax, torch) inside `run` so
 # that `lt-jax --help` stays quick.
 COMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "lt_jax.pipeline", "every stage end to end on the embedded default (configs/tiny.yaml)"),
     ("import-hf", "lt_jax.model.hf_cli", "Hugging Face folder -> Orbax checkpoint"),
     ("export-hf", "lt_jax.model.hf_cli", "Orbax checkpoint -> Hugging Face folder"),
+    ("tokenize", "lt_jax.data.tokenize", "sft.jsonl -> token shards (TensorStore zarr3) + manifest, assistant-only loss mask"),
+    ("serve", "lt_jax.sample.serve_cli", "OpenAI-compatible HTTP server over a teacher or a checkpoint"),
+    ("sample", "lt_jax.sample.generate", "generate from a checkpoint or HF folder (KV-cache sampling on the mesh)"),
+    ("distill", "lt_jax.data.distill", "problems -> responses.jsonl from an OpenAI-compatible teacher (resumable)"),
+    ("synthetic", "lt_jax.data.synthetic", "the synthetic arithmetic long-thought task: problems, held-out split, teacher responses"),
+    ("grade", "lt_jax.data.grade", "responses.jsonl -> graded.jsonl + per-problem pass rate / CV (resumable)"),
+    ("select", "lt_jax.data.select", "graded.jsonl -> sft.jsonl: DeepDistill rules, length, dedup, decontamination, report"),
+    ("eval", "lt_jax.eval.cli", "checkpoints or a served model x benchmarks -> pass@1/maj@k, judge evals, reports"),
+    ("train", "lt_jax.train.trainer", "SFT on packed token shards: resumable, multi-host, Orbax checkpoints (exit 42 = preempted)"),
+    ("compile", "lt_jax.scale.compile", "ahead-of-time fit check: compile the train step / sampler for a TPU slice or GPU node, memory vs HBM"),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="lt-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {}
     for name, module, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, command=name)
         importlib.import_module(module).add_arguments(p, name)
-    return parser
+        commands[name] = p
+    return parser, commands
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, commands = build_parser()
+    if not argv or argv[0] not in commands:
+        parser.parse_args(argv)  # prints help or the error naming the unknown command
+        return 2
+    # Intermixed: `key=value` overrides may come before or after flags.
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        if not _is_input_error(e):
+            raise
+        print(f"lt-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _is_input_error(e: BaseException) -> bool:
+    """Bad input (our ValueError subclasses, missing files) prints one line; bugs keep their traceback."""
+    return isinstance(e, FileNotFoundError) or (type(e) is not ValueError and type(e).__module__.startswith("lt_jax"))
 
 
 if __name__ == "__main__":

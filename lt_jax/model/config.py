@@ -42,8 +42,8 @@ class ModelConfig:
     rope_scaling: Optional[RopeScaling] = None
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v bias: True for Qwen2/2.5
-    qk_norm: bool = False  # RMSNorm on q and k per head: True for Qwen3
+    attention_bias: Optional[bool] = None  # q/k/v bias; None: the family's (True for Qwen2/2.5 only)
+    qk_norm: Optional[bool] = None  # RMSNorm on q and k per head; None: the family's (True for Qwen3 only)
     max_position_embeddings: int = 32768
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -53,6 +53,11 @@ class ModelConfig:
     attention: AttentionImpl = "auto"
 
     def __post_init__(self):
+        # Family defaults, resolved once so the rest of the code sees plain booleans.
+        if self.attention_bias is None:
+            object.__setattr__(self, "attention_bias", self.family == "qwen2")
+        if self.qk_norm is None:
+            object.__setattr__(self, "qk_norm", self.family == "qwen3")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
