@@ -104,7 +104,7 @@ class Demo:
                       "--input", storage.join(p["synthetic"], "problems.jsonl"), "--output", p["responses"],
                       "--base-url", url, "--model", TeacherServer.MODEL, "--api-key-env", "LT_JAX_DEMO_NO_KEY")
         self.fit_tokenizer()
-        self.step("5. grade", "grade", "--in", p["responses"], "--out", p["graded"], *self.conf("grade"))
+        self.step("5. grade", "grade", "--in", p["responses"], "--out", p["graded"], "--no-progress", *self.conf("grade"))
         self.step("6. select", "select", "--in", p["graded"], "--out", p["sft"], "--decontam", heldout, *self.conf("select"))
         self.step("7. tokenize", "tokenize", "--in", p["sft"], "--tokenizer", p["tokenizer"], "--out", p["tokens"],
                   "--max-length", str(self.cfg.max_length), "--no-progress")

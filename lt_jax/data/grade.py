@@ -328,6 +328,7 @@ def add_arguments(parser, command: str) -> None:
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of counting it")
     parser.add_argument("--layout", default=None, help=f"force the input layout: {', '.join(formats.LAYOUTS)}")
     parser.add_argument("--field", action="append", default=[], help="remap a field, e.g. --field problem=question")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="GradeConfig key=value overrides")
 
 
@@ -354,7 +355,7 @@ def _run_cli(args) -> int:
     cfg = config.load(GradeConfig, args.config, extra)
     if args.field:
         cfg = dataclasses.replace(cfg, fields={**cfg.fields, **formats.parse_fields(args.field)})
-    summary = grade_file(args.inp, args.out, cfg, args.stats, progress=True)
+    summary = grade_file(args.inp, args.out, cfg, args.stats, progress=args.progress)
     report = summary.to_dict()
     report.update(input=args.inp, output=args.out, stats=args.stats or default_stats_path(args.out), config=config.to_dict(cfg))
     base = args.out[: -len(".jsonl")] if args.out.endswith(".jsonl") else args.out
