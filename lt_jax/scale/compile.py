@@ -1,0 +1,387 @@
+"""`lt-jax compile`: will this recipe fit on that slice? An ahead-of-time check without the hardware.
+
+    lt-jax compile --config configs/qwen2.5-7b-32k.yaml --topology v5p:4x4x4 [--slices 2]
+    lt-jax compile --config run.yaml --gpu h100x8            (on a GPU node: its attached GPUs)
+    lt-jax compile --config run.yaml --topology v5p:4x4x4 --sampler mesh.context=4 data.seq_len=131072
+
+The real training step (`lt_jax.train.step.jit_train_step`: forward, backward, accumulation,
+clipping, AdamW) is traced over abstract inputs (ShapeDtypeStructs carrying their shardings: the
+parameters, the optimizer state and one global batch), lowered and compiled for the target's
+devices. Nothing is allocated. XLA's `memory_analysis()` then gives the per-device bytes of
+arguments, outputs, temporaries and code; they are set against the chip's HBM, with the headroom
+left. `cost_analysis()` gives the compiled FLOPs where XLA reports them. `--sampler` compiles the
+sampler's prefill and decode the same way.
+
+Exit status: 0 fits with at least `--min-headroom`, 3 does not, 1 on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import sys
+import time
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+NOT_FIT_EXIT_CODE = 3
+_PLACEHOLDER_DATA = "<not read by lt-jax compile>"
+_NOMINAL_STEPS = 1000  # the schedule's length changes values, not shapes or memory
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleShape:
+    """The sampler call to compile: rows, prompt bucket and new tokens."""
+
+    batch: int = 64
+    prompt_len: int = 1024
+    max_new_tokens: int = 32768
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def load_config(path: str, overrides) -> Any:
+    """The run config; `data.train` may be absent (the check reads no data)."""
+    from lt_jax import config as config_lib
+    from lt_jax.train.config import load_run_config
+
+    data = config_lib.load_yaml(path) if path else {}
+    extra = [] if (data.get("data") or {}).get("train") else [f"data.train={_PLACEHOLDER_DATA}"]
+    return load_run_config(path, [*extra, *overrides])
+
+
+ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+
+
+def resolve_model(cfg, platform: str, printer=print):
+    """The ModelConfig to compile: the YAML's model section when it names the architecture (the
+    shapes are all memory depends on, so no checkpoint is read), else `train.init_from`'s config
+    under the section. `attention: auto` becomes the target's fused kernel, since this host's
+    backend is not the target's."""
+    missing = [k for k in ARCH_KEYS if k not in cfg.model]
+    if not missing or not cfg.train.init_from:
+        model = cfg.model_config()
+    else:
+        from lt_jax.train import checkpoint as ckpt
+
+        printer(f"model: {', '.join(missing)} not in the YAML; reading {cfg.train.init_from}")
+        model = cfg.model_config(ckpt.load_model_config(cfg.train.init_from), source=cfg.train.init_from)
+    if model.attention == "auto" and platform in ("tpu", "gpu"):
+        model = dataclasses.replace(model, attention="splash" if platform == "tpu" else "cudnn")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation
+
+
+def abstract_batch(global_batch: int, seq_len: int, sharding) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from lt_jax.data.loader import BATCH_KEYS
+
+    return {k: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=sharding) for k in BATCH_KEYS}
+
+
+def compile_train_step(cfg, model_config, mesh):
+    """(compiled train step, {"lower_s", "compile_s"}) for `cfg` on `mesh`; nothing is allocated."""
+    from lt_jax.data.loader import batch_sharding
+    from lt_jax.model import transformer as tfm
+    from lt_jax.train import optim
+    from lt_jax.train import step as st
+
+    optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps or _NOMINAL_STEPS)
+    graphdef, params = st.split_model(tfm.abstract_model(model_config, mesh))
+    shardings = st.state_shardings(params, optimizer, mesh)
+    state = st.abstract_state(params, optimizer, shardings)
+    batch_sh = batch_sharding(mesh)
+    batch = abstract_batch(cfg.train.global_batch, cfg.data.seq_len, batch_sh)
+    options = st.StepOptions(cfg.train.grad_accum, cfg.train.z_loss, cfg.train.lm_head_chunk)
+    step = st.jit_train_step(graphdef, optimizer, schedule, options, shardings, batch_sh)
+    return _lower_and_compile(step, mesh, state, batch)
+
+
+def _lower_and_compile(fn, mesh, *args, **kwargs):
+    import jax
+
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = fn.trace(*args, **kwargs).lower()
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+    return compiled, {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
+
+
+def compile_sampler(model_config, mesh, shape: SampleShape, chunk: int = 64) -> dict[str, tuple]:
+    """{"prefill": (compiled, times), "decode": (compiled, times)} of the sampler's device functions
+    for `shape` (parameters in the compute dtype, as an exported checkpoint is served)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lt_jax.model import transformer as tfm
+    from lt_jax.sample import sampler as smp
+
+    cfg = dataclasses.replace(model_config, param_dtype=model_config.compute_dtype, remat="none")
+    graphdef, params = nnx.split(tfm.abstract_model(cfg, mesh))
+    rep = NamedSharding(mesh, PartitionSpec())
+    sds = lambda shape_, dtype: jax.ShapeDtypeStruct(shape_, dtype, sharding=rep)  # noqa: E731
+    p = smp.bucket(shape.prompt_len - 1, 16, 8)
+    cache_len = smp.bucket(p + shape.max_new_tokens, 1, 8)
+    u = r = shape.batch
+    tokens = sds((u, p + 1), jnp.int32)
+    # The evaluation setting (temperature 0.6, top-p 0.95): the most expensive sampling mode.
+    specs = [smp.RowSpec(0, temperature=0.6, top_p=0.95, max_new_tokens=shape.max_new_tokens)] * r
+    rows = jax.tree.map(lambda a: sds(a.shape, a.dtype), smp._row_params(specs, r))
+    prefill = _lower_and_compile(smp._prefill, mesh, graphdef, params, tokens, tokens, tokens, sds((r,), jnp.int32),
+                                 rows, cache_len=cache_len, cache_dtype=None, **_mode_kwargs(smp, smp._prefill, specs))
+    out_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        prefill[0].out_info[0], prefill[0].output_shardings[0],
+    )
+    decode = _lower_and_compile(smp._decode, mesh, graphdef, params, out_state, rows, sds((r,), jnp.bool_),
+                                chunk=chunk, **_mode_kwargs(smp, smp._decode, specs))
+    return {"prefill": prefill, "decode": decode}
+
+
+def _mode_kwargs(smp, fn, specs) -> dict:
+    """The sampling-mode static argument of the sampler's device functions (named `mode` or, in
+    earlier versions, `filtered`)."""
+    params = inspect.signature(inspect.unwrap(fn)).parameters
+    if "mode" in params:
+        return {"mode": smp.sampling_mode(specs)}
+    return {"filtered": True} if "filtered" in params else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def memory_report(compiled, capacity: Optional[int]) -> dict[str, Any]:
+    """Per-device bytes from XLA's memory analysis, the peak estimate and the headroom left."""
+    ma = compiled.memory_analysis()
+    fields = {
+        "arguments": "argument_size_in_bytes", "outputs": "output_size_in_bytes",
+        "temporaries": "temp_size_in_bytes", "generated_code": "generated_code_size_in_bytes",
+        "alias": "alias_size_in_bytes", "host_temporaries": "host_temp_size_in_bytes",
+    }
+    out = {k: int(getattr(ma, attr, 0) or 0) for k, attr in fields.items()}
+    # Donated outputs reuse their argument buffers (alias), so they count once.
+    out["peak"] = out["arguments"] + out["outputs"] - out["alias"] + out["temporaries"] + out["generated_code"]
+    out["capacity"] = capacity
+    out["headroom"] = None if not capacity else 1.0 - out["peak"] / capacity
+    return out
+
+
+def cost_report(compiled) -> dict[str, Optional[float]]:
+    """Compiled FLOPs and bytes accessed per device, where XLA reports them."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception as e:  # noqa: BLE001 - some backends do not implement it
+        log.info("cost_analysis unavailable: %s", e)
+        return {"flops": None, "bytes_accessed": None}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    flops = cost.get("flops")
+    return {"flops": float(flops) if flops and flops > 0 else None,
+            "bytes_accessed": float(cost["bytes accessed"]) if cost.get("bytes accessed") else None}
+
+
+def model_flops(model_config, global_batch: int, seq_len: int) -> float:
+    """6N per token plus causal attention, every row one document (the most attention work)."""
+    from lt_jax.train import metrics
+
+    tokens = float(global_batch * seq_len)
+    pairs = float(global_batch) * seq_len * (seq_len + 1) / 2
+    return metrics.step_flops(model_config, tokens, pairs)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _gib(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def format_report(report: dict) -> str:
+    """The human-readable fit table."""
+    t, m = report["target"], report["model"]
+    lines = [
+        f"target  {t['name']}: {t['devices']} x {t['device_kind']} ({t['slices']} slice(s)), mesh {t['mesh']}",
+        f"model   {m['family']} {_count(m['params_b'] * 1e9)} params, {m['num_layers']} layers, "
+        f"param {m['param_dtype']}, compute {m['compute_dtype']}, remat {m['remat']}, attention {m['attention']}",
+    ]
+    for name, part in report["compiled"].items():
+        mem, cost = part["memory"], part["cost"]
+        head = "-" if mem["headroom"] is None else f"{100 * mem['headroom']:.1f}%"
+        lines.append(
+            f"{name:<7} {part['shape']}: per device {_gib(mem['peak'])} / {_gib(mem['capacity'])} GiB "
+            f"(headroom {head}) = args {_gib(mem['arguments'])} + out {_gib(mem['outputs'])} "
+            f"- alias {_gib(mem['alias'])} + temp {_gib(mem['temporaries'])} + code {_gib(mem['generated_code'])}; "
+            f"lower {part['times']['lower_s']:.1f}s, compile {part['times']['compile_s']:.1f}s"
+        )
+        if cost["flops"]:
+            # XLA counts a while-loop body once (the layer scan, accumulation, decode loop).
+            lines.append(f"        XLA cost analysis: {cost['flops'] / 1e12:.4g} TFLOP per device per call "
+                         "(loop bodies counted once)")
+    if "model_tflops_per_step" in report:
+        lines.append(f"model   {report['model_tflops_per_step']:.4g} TFLOP per train step; at 100% of peak "
+                     f"{report.get('ideal_step_s') or float('nan'):.2f}s per step")
+    lines.append(report["verdict"])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def check(cfg, target, *, sampler: Optional[SampleShape] = None, train: bool = True,
+          min_headroom: float = 0.10, printer=print) -> dict:
+    """Compiles what is asked for `target` and returns the report (see module doc)."""
+    from lt_jax.model import sharding as shd
+    from lt_jax.scale import topology
+    from lt_jax.train import metrics
+
+    devices = topology.target_devices(target)
+    kind = devices[0].device_kind
+    if target.num_slices > 1 and cfg.mesh.dcn_data == 1:  # as tpu_scripts/tpu.py launch does
+        printer(f"mesh.dcn_data={target.num_slices}: the batch is split across the {target.num_slices} slices")
+        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn_data=target.num_slices))
+    capacity = topology.capacity_bytes(target, kind)
+    model_config = resolve_model(cfg, target.platform, printer)
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    report: dict[str, Any] = {
+        "target": {"name": target.name, "platform": target.platform, "devices": len(devices), "device_kind": kind,
+                   "slices": target.num_slices, "mesh": dict(mesh.shape), "capacity_bytes": capacity},
+        "model": {**dataclasses.asdict(model_config), "params_b": model_config.num_params() / 1e9},
+        "compiled": {},
+    }
+    if train:
+        check_divisible(cfg, mesh)
+        printer(f"compiling the train step for {target.name} ({len(devices)} x {kind}), mesh {dict(mesh.shape)} ...")
+        compiled, times = compile_train_step(cfg, model_config, mesh)
+        shape = f"batch {cfg.train.global_batch} x {cfg.data.seq_len} (accum {cfg.train.grad_accum})"
+        report["compiled"]["train"] = _part(compiled, times, capacity, shape)
+        flops = model_flops(model_config, cfg.train.global_batch, cfg.data.seq_len)
+        peak = metrics.peak_flops_per_device(kind)
+        report["model_tflops_per_step"] = flops / 1e12
+        report["ideal_step_s"] = flops / (peak * len(devices)) if peak else None
+    if sampler is not None:
+        printer(f"compiling the sampler (batch {sampler.batch}, prompt {sampler.prompt_len}, "
+                f"+{sampler.max_new_tokens} tokens) ...")
+        for name, (compiled, times) in compile_sampler(model_config, mesh, sampler).items():
+            shape = (f"batch {sampler.batch}, prompt {sampler.prompt_len}, cache for +{sampler.max_new_tokens}, "
+                     f"params {model_config.compute_dtype}")
+            report["compiled"][name] = _part(compiled, times, capacity, shape)
+    report["verdict"], report["fits"] = _verdict(report, min_headroom)
+    return report
+
+
+def check_divisible(cfg, mesh) -> None:
+    """Rows per micro-batch must split over the batch axes and rows over `context`; say which fields."""
+    from lt_jax.model import sharding as shd
+
+    shards = 1
+    for axis in ("dcn_data", "data", "fsdp"):
+        shards *= shd.axis_size(mesh, axis)
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    if micro % shards:
+        raise ValueError(
+            f"train.global_batch / train.grad_accum = {micro} rows per micro-batch cannot be split over "
+            f"dcn_data*data*fsdp = {shards} devices; change the batch, grad_accum, or move devices to "
+            "mesh.tensor / mesh.context"
+        )
+    context = shd.axis_size(mesh, "context")
+    if cfg.data.seq_len % context:
+        raise ValueError(f"data.seq_len {cfg.data.seq_len} is not divisible by mesh.context {context}")
+
+
+def _part(compiled, times, capacity, shape: str) -> dict:
+    return {"shape": shape, "memory": memory_report(compiled, capacity), "cost": cost_report(compiled), "times": times}
+
+
+def _verdict(report: dict, min_headroom: float) -> tuple[str, bool]:
+    worst = min(((name, p["memory"]["headroom"]) for name, p in report["compiled"].items()
+                 if p["memory"]["headroom"] is not None), key=lambda x: x[1], default=None)
+    if worst is None:
+        return "verdict: unknown capacity for this device kind; compare the per-device bytes yourself", True
+    name, head = worst
+    if head >= min_headroom:
+        return f"verdict: FITS (least headroom {100 * head:.1f}% in {name}, required {100 * min_headroom:.1f}%)", True
+    if head >= 0:
+        return (f"verdict: TIGHT ({name} leaves {100 * head:.1f}% < {100 * min_headroom:.1f}%): raise remat, "
+                "fsdp or grad_accum, or lower the batch"), False
+    return (f"verdict: DOES NOT FIT ({name} needs {100 * -head:.1f}% more than the chip has): raise remat, "
+            "fsdp/tensor/context or grad_accum, or lower the batch"), False
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--config", required=True, help="run YAML (as for lt-jax train); local or gs://")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.context=4 data.seq_len=131072")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", help="TPU slice GENERATION:CHIPS, e.g. v5p:2x2x1, v5p:8x8x4, v6e:16x16")
+    where.add_argument("--gpu", help="GPU node KINDxCOUNT, e.g. h100x8 (compiles on the attached GPUs)")
+    parser.add_argument("--slices", type=int, default=1, help="TPU slices over DCN (mesh.dcn_data follows)")
+    parser.add_argument("--nodes", type=int, default=1, help="GPU nodes")
+    parser.add_argument("--mem-fraction", type=float, default=0.9,
+                        help="GPU: share of HBM the JAX allocator may use (XLA_PYTHON_CLIENT_MEM_FRACTION)")
+    parser.add_argument("--sampler", action="store_true", help="also compile the sampler's prefill and decode")
+    parser.add_argument("--no-train", action="store_true", help="skip the train step (with --sampler)")
+    parser.add_argument("--sample-batch", type=int, default=SampleShape.batch)
+    parser.add_argument("--prompt-len", type=int, default=SampleShape.prompt_len)
+    parser.add_argument("--max-new-tokens", type=int, default=SampleShape.max_new_tokens)
+    parser.add_argument("--min-headroom", type=float, default=0.10, help="fraction of HBM to leave free (0.10)")
+    parser.add_argument("--out", help="write the report as JSON here (local or gs://)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lt_jax import storage
+    from lt_jax.scale import topology
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.topology:
+        target = topology.parse_tpu(args.topology, args.slices)
+    else:
+        target = topology.parse_gpu(args.gpu, args.nodes, args.mem_fraction)
+    cfg = load_config(args.config, args.overrides)
+    sampler = SampleShape(args.sample_batch, args.prompt_len, args.max_new_tokens) if args.sampler else None
+    if args.no_train and sampler is None:
+        print("lt-jax compile: --no-train needs --sampler", file=sys.stderr)
+        return 1
+    try:
+        report = check(cfg, target, sampler=sampler, train=not args.no_train, min_headroom=args.min_headroom)
+    except (RuntimeError, ValueError) as e:
+        print(f"lt-jax compile: {e}", file=sys.stderr)
+        return 1
+    report["config"] = args.config
+    report["overrides"] = list(args.overrides)
+    print(format_report(report))
+    if args.out:
+        storage.write_text(args.out, json.dumps(report, indent=2, default=str) + "\n")
+        print(f"report: {args.out}")
+    return 0 if report["fits"] else NOT_FIT_EXIT_CODE
+
+
+def main(argv=None) -> int:
+    """`python -m lt_jax.scale.compile ...`: the same as `lt-jax compile ...`."""
+    parser = argparse.ArgumentParser(prog="lt_jax.scale.compile", description=__doc__.splitlines()[0])
+    add_arguments(parser, "compile")
+    return run(parser.parse_intermixed_args(argv))
+
+
+__all__ = ["check", "compile_train_step", "compile_sampler", "memory_report", "cost_report", "format_report",
+           "load_config", "resolve_model", "SampleShape", "add_arguments", "run", "NOT_FIT_EXIT_CODE"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
