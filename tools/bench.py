@@ -15,6 +15,9 @@ from --peak-tflops or the table below by device kind (dense bf16); on CPU pass -
 
 --compare-torch builds the same model in transformers (random init), copies its weights into
 lt_jax through lt_jax.model.hf, checks the logits agree, and times both fwd+bwd in this process.
+On a small shared CPU machine a multi-threaded torch stalls whenever another job takes a core
+(its OpenMP threads wait for each other), so for a fair ratio run both on one core:
+`--pin-cpus 1 --torch-threads 1`. The bench warns when the load average says the CPUs are busy.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-devices", type=int, help="virtual CPU devices (sets XLA_FLAGS before jax starts)")
     p.add_argument("--compare-torch", action="store_true", help="also time transformers fwd+bwd (CPU, fp32)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--pin-cpus", type=int, help="pin this process (XLA and torch alike) to its first N allowed CPUs; "
+                   "with --torch-threads 1 and --pin-cpus 1 both run single-threaded on one core")
     return p.parse_args(argv)
 
 
@@ -116,14 +121,14 @@ def make_batch(cfg, batch: int, seq: int, docs: int, seed: int = 0):
 
 def build_step():
     """jit(model, ids, seg, pos) -> (loss, grads): next-token cross-entropy, fwd + bwd."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from lt_jax.train.loss import token_nll
+
     def loss_fn(model, ids, seg, pos):
         logits = model(ids[:, :-1], pos[:, :-1], seg[:, :-1])
-        logp = jax.nn.log_softmax(logits)
-        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        nll, _ = token_nll(logits, ids[:, 1:])  # the trainer's cross-entropy, not a copy of it
         keep = seg[:, 1:] == seg[:, :-1]  # no target across a document boundary
         return jnp.sum(nll * keep) / jnp.maximum(jnp.sum(keep), 1)
 
@@ -222,6 +227,9 @@ def main(argv=None) -> int:
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    if args.pin_cpus:
+        # before jax/torch start: their thread pools size themselves from the affinity mask
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.pin_cpus])
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
 
@@ -236,13 +244,15 @@ def main(argv=None) -> int:
     flops = flops_per_token(cfg, args.seq)
     peak = peak_flops(jax.devices()[0], args.peak_tflops)
     tokens = args.batch * args.seq
-    print(f"device: {jax.devices()[0].device_kind} x{devices} mesh {dict(mesh.shape)} | jax {jax.__version__}")
+    print(f"device: {jax.devices()[0].device_kind} x{devices} mesh {dict(mesh.shape)} | jax {jax.__version__} | "
+          f"process CPUs {sorted(os.sched_getaffinity(0))}")
     print(f"model: {cfg}")
     print(f"params {cfg.num_params():,} (matmul {flops['n_matmul_params']:,}) | batch {args.batch} x seq {args.seq} "
           f"= {tokens:,} tokens/step, {args.docs_per_row} docs/row")
     print(f"FLOPs/token: 6*N_mm = {flops['matmul']:.4g} + causal attention 6*L*S*Nq*D = {flops['attention']:.4g} "
           f"= {flops['total']:.4g} (non-causal count {flops['total_noncausal']:.4g})")
     print(f"peak: {peak / 1e12:.4g} TFLOP/s per device" if peak else "peak: unknown (pass --peak-tflops for MFU)")
+    _warn_if_busy()
 
     batch_np = make_batch(cfg, args.batch, args.seq, args.docs_per_row)
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,6 +283,14 @@ def main(argv=None) -> int:
         print(f"ratio: torch step / jax step = {medians['torch'] / medians['jax']:.2f}x (>1 means lt_jax is faster; "
               f"medians of {args.steps} interleaved steps); fastest steps: {mins['torch'] / mins['jax']:.2f}x")
     return 0
+
+
+def _warn_if_busy() -> None:
+    """Other jobs on the machine skew timings, multi-threaded ones most: say so in the output."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        print(f"WARNING: load average {load:.1f} on {cpus} CPUs: other jobs are running; step times are "
+              "noisy (compare ratios from one run; --pin-cpus 1 --torch-threads 1 is the steadiest)")
 
 
 def _check_same_logits(model, torch_model, ids):

@@ -89,7 +89,7 @@ def bench(args) -> list[dict]:
     from lt_jax.sample.serve_cli import build_backend
 
     serve_args = shlex.split(args.serve_args)
-    backend = build_backend(build_parser().parse_args(["serve", *serve_args]))
+    backend = build_backend(build_parser()[0].parse_args(["serve", *serve_args]))
     proc, model, url = start_server(serve_args)
     rows = []
     try:

@@ -24,6 +24,7 @@ import random
 import re
 from typing import Any, Literal, Sequence
 
+from lt_jax.config import ConfigError
 from lt_jax.data import jsonl
 
 OPS = {"add": "+", "mul": "*"}
@@ -99,7 +100,7 @@ def _generate(cfg: SyntheticConfig, stream: str, count: int, exclude: set) -> li
             if (a, op, b) not in seen:
                 break
         else:
-            raise ValueError(f"level {level} ({op}) has too few distinct problems for {count} {stream} problems; lower the count or drop that level")
+            raise ConfigError(f"level {level} ({op}) has too few distinct problems for {count} {stream} problems; lower the count or drop that level")
         seen.add((a, op, b))
         out.append((a, op, b, level))
     return out

@@ -9,8 +9,16 @@ Mesh axes:
   data    pure data parallelism: parameters replicated, batch split.
   fsdp    batch split AND parameters sharded (ZeRO-3 style); weights all-gathered per layer.
   tensor  Megatron-style tensor parallelism over heads / MLP width / vocab.
-A later `context` axis (sequence sharding for ring attention) slots in as a fourth name here and
-one more rule for `act_seq`.
+Two optional axes join the mesh only when their size is above 1 (so a plain mesh keeps exactly
+the three names above):
+  context   sequence sharding for long rows: activations split along the sequence, attention
+            runs context-parallel (lt_jax/model/context_parallel.py), and weights are sharded over
+            fsdp x context together (ZeRO-3 over both), since context devices hold different tokens
+            of the same rows just as fsdp devices hold different rows.
+  dcn_data  data parallelism across TPU slices (multi-slice over the data-center network): the batch
+            is split over it, parameters are replicated per slice, so the only cross-slice traffic
+            is one gradient all-reduce per step.
+`rules_for(mesh.axis_names)` is the table for a given mesh: the base table plus these extensions.
 """
 
 from __future__ import annotations
@@ -23,7 +31,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")  # every mesh has these
+# Every axis a mesh may have, outermost (slowest links) first: mesh_utils lays the last axes onto
+# the nearest chips, so tensor and context (one collective per layer each) get the fastest links.
+ALL_MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "context", "tensor")
+OPTIONAL_AXES: tuple[str, ...] = ("dcn_data", "context")
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 
@@ -55,16 +67,45 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("cache_head_dim", None),
 )
 
+# What the optional axes add to LOGICAL_RULES when a mesh has them: (logical name, axes appended
+# to its entry, or prepended when the key is marked "first").
+AXIS_EXTENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "dcn_data": (("act_batch", "first"), ("cache_batch", "first")),
+    "context": (("act_seq", "last"), ("embed", "last")),
+}
+
+
+def rules_for(axis_names: Sequence[str], rules=LOGICAL_RULES) -> tuple[tuple[str, MeshAxes], ...]:
+    """The logical-axis table for a mesh with `axis_names`: `rules` plus the optional axes' entries."""
+    extra = [(axis, name, where) for axis in OPTIONAL_AXES if axis in axis_names
+             for name, where in AXIS_EXTENSIONS[axis]]
+    if not extra:
+        return tuple(rules)
+    table = {name: _as_tuple(target) for name, target in rules}
+    for axis, name, where in extra:
+        table[name] = (axis, *table[name]) if where == "first" else (*table[name], axis)
+    return tuple((name, None if not t else t[0] if len(t) == 1 else t) for name, t in table.items())
+
+
+def _as_tuple(target: MeshAxes) -> tuple[str, ...]:
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the mesh axes; -1 (at most one) takes whatever devices the others leave."""
+    """Sizes of the mesh axes; -1 (at most one of data/fsdp/context/tensor) takes whatever devices
+    the others leave. `context` > 1 shards sequences (long rows); `dcn_data` is the number of TPU
+    slices (multi-slice), over which only the batch is split."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    context: int = 1
+    dcn_data: int = 1
 
     def __post_init__(self):
+        if self.dcn_data == -1:
+            raise ValueError("MeshConfig: dcn_data is the number of slices and cannot be -1")
         sizes = self.sizes()
         wild = [name for name, n in sizes.items() if n == -1]
         if len(wild) > 1:
@@ -74,25 +115,31 @@ class MeshConfig:
             raise ValueError(f"MeshConfig: axis sizes must be positive or -1, got {', '.join(bad)}")
 
     def sizes(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in MESH_AXES}
+        """Sizes of the axes this mesh has, in mesh order (optional axes only when above 1)."""
+        return {name: getattr(self, name) for name in ALL_MESH_AXES
+                if name not in OPTIONAL_AXES or getattr(self, name) != 1}
+
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(self.sizes())
 
     def resolve(self, num_devices: int) -> dict[str, int]:
         """Concrete axis sizes for `num_devices`, or a ValueError naming the fields to change."""
         sizes = self.sizes()
         fixed = math.prod(n for n in sizes.values() if n != -1)
         wild = [name for name, n in sizes.items() if n == -1]
+        product = "*".join(sizes)
         if wild:
             if num_devices % fixed:
                 raise ValueError(
                     f"MeshConfig: {_describe(sizes)} cannot fill {num_devices} devices: the fixed axes "
                     f"multiply to {fixed}, which does not divide {num_devices}; change "
-                    f"{', '.join(n for n in MESH_AXES if n not in wild)}"
+                    f"{', '.join(n for n in sizes if n not in wild)}"
                 )
             sizes[wild[0]] = num_devices // fixed
         elif fixed != num_devices:
             raise ValueError(
-                f"MeshConfig: data*fsdp*tensor = {_describe(sizes)} = {fixed}, but there are {num_devices} "
-                "devices; make the product match or set one of data/fsdp/tensor to -1"
+                f"MeshConfig: {product} = {_describe(sizes)} = {fixed}, but there are {num_devices} "
+                f"devices; make the product match or set one of {', '.join(n for n in sizes if n != 'dcn_data')} to -1"
             )
         return sizes
 
@@ -102,21 +149,44 @@ def _describe(sizes: dict[str, int]) -> str:
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A mesh with axes ("data", "fsdp", "tensor") of Auto type (NNX needs Auto, not Explicit).
+    """A mesh with axes `cfg.axis_names()` (data, fsdp, tensor, plus context/dcn_data when above 1)
+    of Auto type (NNX needs Auto, not Explicit).
 
     Uses `jax.experimental.mesh_utils` to lay the axes onto the physical topology so that
-    `tensor` (the chattiest axis) lands on the fastest links, when given the default devices.
+    `tensor` (the chattiest axis) lands on the fastest links. With dcn_data > 1 the devices must
+    span that many TPU slices (`slice_index`): each slice holds the same ICI mesh, and only
+    dcn_data crosses slices.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = cfg.resolve(len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        from jax.experimental import mesh_utils
+    names = tuple(sizes)
+    shape = tuple(sizes.values())
+    from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if cfg.dcn_data > 1:
+        grid = _hybrid_grid(sizes, devices, mesh_utils)
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def _hybrid_grid(sizes: dict[str, int], devices, mesh_utils) -> np.ndarray:
+    """Devices for a multi-slice mesh: dcn_data across slices, the other axes within each slice."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    n = sizes["dcn_data"]
+    ici = tuple(1 if a == "dcn_data" else s for a, s in sizes.items())
+    dcn = tuple(n if a == "dcn_data" else 1 for a in sizes)
+    if None in slices or len(slices) == 1:
+        # No slice structure (CPU tests, one GPU cluster): dcn_data is just an outer data axis.
+        return np.asarray(devices, dtype=object).reshape(tuple(sizes.values()))
+    if len(slices) != n:
+        raise ValueError(
+            f"MeshConfig: dcn_data={n} but the devices span {len(slices)} slices; set dcn_data={len(slices)}"
+        )
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[Optional[str]], rules=LOGICAL_RULES) -> PartitionSpec:
@@ -142,9 +212,29 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], rules=LOGICAL_RULES) 
     return PartitionSpec(*spec)
 
 
-def logical_to_sharding(logical_axes: Sequence[Optional[str]], mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
-    """NamedSharding on `mesh` for an array whose dimensions carry `logical_axes`."""
-    return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+def logical_to_sharding(logical_axes: Sequence[Optional[str]], mesh: Mesh, rules=None) -> NamedSharding:
+    """NamedSharding on `mesh` for an array whose dimensions carry `logical_axes` (default rules:
+    `rules_for(mesh.axis_names)`)."""
+    rules = rules_for(mesh.axis_names) if rules is None else rules
+    return NamedSharding(mesh, restrict_spec(logical_to_spec(logical_axes, rules), mesh.axis_names))
+
+
+def restrict_spec(spec: PartitionSpec, axis_names: Sequence[str]) -> PartitionSpec:
+    """`spec` without the mesh axes a mesh lacks (e.g. a 1-axis mesh in a user script)."""
+    names = set(axis_names)
+
+    def keep(entry):
+        if entry is None:
+            return None
+        axes = tuple(a for a in _as_tuple(entry) if a in names)
+        return None if not axes else axes[0] if len(axes) == 1 else axes
+
+    return PartitionSpec(*(keep(e) for e in spec))
+
+
+def mesh_spec(logical_axes: Sequence[Optional[str]], mesh) -> PartitionSpec:
+    """The PartitionSpec of `logical_axes` on `mesh` (its own rules, its own axes): for shard_map."""
+    return restrict_spec(logical_to_spec(logical_axes, rules_for(mesh.axis_names)), mesh.axis_names)
 
 
 def variable_logical_axes(variable) -> tuple:
@@ -155,7 +245,7 @@ def variable_logical_axes(variable) -> tuple:
     return tuple(axes)
 
 
-def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
+def state_shardings(state, mesh: Mesh, rules=None):
     """The state tree with every Variable's value replaced by its NamedSharding.
 
     `state` is an `nnx.State` (abstract or live); the result has the same structure, so it can be
@@ -172,7 +262,7 @@ def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def model_shardings(model, mesh: Mesh, rules=LOGICAL_RULES) -> dict[str, NamedSharding]:
+def model_shardings(model, mesh: Mesh, rules=None) -> dict[str, NamedSharding]:
     """{"embed.embedding": NamedSharding, ...} for every parameter of an NNX model (live or abstract)."""
     from flax import nnx
 
@@ -191,19 +281,17 @@ def active_mesh():
     return mesh
 
 
-def shard_activation(x: jax.Array, logical_axes: Sequence[Optional[str]], rules=LOGICAL_RULES) -> jax.Array:
+def shard_activation(x: jax.Array, logical_axes: Sequence[Optional[str]], rules=None) -> jax.Array:
     """Constrain an activation's sharding by logical names when a mesh is active; no-op otherwise."""
     mesh = active_mesh()
     if mesh is None:
         return x
-    spec = logical_to_spec(logical_axes, rules)
-    # Drop mesh axes the active mesh lacks (e.g. a 1-axis mesh in a user script).
-    names = set(mesh.axis_names)
+    rules = rules_for(mesh.axis_names) if rules is None else rules
+    return jax.lax.with_sharding_constraint(x, restrict_spec(logical_to_spec(logical_axes, rules), mesh.axis_names))
 
-    def keep(entry):
-        if entry is None:
-            return None
-        axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a in names)
-        return None if not axes else axes[0] if len(axes) == 1 else axes
 
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*(keep(e) for e in spec)))
+def axis_size(mesh, name: str) -> int:
+    """Size of mesh axis `name`, 1 when the mesh lacks it (or there is no mesh)."""
+    if mesh is None or name not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[name])

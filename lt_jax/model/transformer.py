@@ -98,6 +98,28 @@ class RMSNorm(nnx.Module):
         return self.scale.get_value().astype(self.compute_dtype) * y.astype(self.compute_dtype)
 
 
+def _flat(x: jax.Array) -> jax.Array:
+    """[batch, seq, features] -> [tokens, features] (a free reshape) for the projections.
+
+    With one contracted token dim, XLA:CPU computes the kernel gradient x^T @ dy straight from the
+    row-major operands; with (batch, seq) both contracted it first writes dy transposed, which made
+    the backward of every projection about 2x slower. Other backends run the same dots either way.
+    """
+    return _shard_tokens(x.reshape(-1, x.shape[-1]), "act_embed")
+
+
+def _shard_tokens(x: jax.Array, features: str) -> jax.Array:
+    """Constrain flattened [tokens, features] activations: tokens over the batch and sequence axes
+    together (where the rows already are), features by their logical name. Without it, the
+    partitioner all-gathers sequence-sharded (context) activations around the reshape."""
+    mesh = shd.active_mesh()
+    if mesh is None:
+        return x
+    batch, seq, feat = shd.mesh_spec(("act_batch", "act_seq", features), mesh)
+    axes = tuple(a for entry in (batch, seq) if entry for a in ((entry,) if isinstance(entry, str) else entry))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes or None, feat))
+
+
 def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes: tuple, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
         n_in, n_out, use_bias=bias, dtype=_dtype(cfg.compute_dtype), param_dtype=_dtype(cfg.param_dtype),
@@ -142,9 +164,10 @@ class Attention(nnx.Module):
         k/v are written at `index` and attention runs over the whole buffer.
         """
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        tokens = _flat(x)
+        q = self.q_proj(tokens).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(tokens).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(tokens).reshape(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -163,7 +186,7 @@ class Attention(nnx.Module):
             impl=self.impl,
         )
         out = checkpoint_name(out, "attn_out")
-        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), new_cache
+        return self.o_proj(out.reshape(b * s, self.num_heads * self.head_dim)).reshape(x.shape), new_cache
 
 
 class MLP(nnx.Module):
@@ -176,9 +199,9 @@ class MLP(nnx.Module):
         self.down_proj = _linear(cfg, i, h, ("mlp", "embed"), bias=False, rngs=rngs)
 
     def __call__(self, x):
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        hidden = shd.shard_activation(hidden, ("act_batch", "act_seq", "act_mlp"))
-        return self.down_proj(hidden)
+        tokens = _flat(x)
+        hidden = _shard_tokens(jax.nn.silu(self.gate_proj(tokens)) * self.up_proj(tokens), "act_mlp")
+        return self.down_proj(hidden).reshape(x.shape)
 
 
 class Block(nnx.Module):
@@ -262,14 +285,25 @@ class Transformer(nnx.Module):
         x = shd.shard_activation(self._embed(input_ids), ("act_batch", "act_seq", "act_embed"))
         cos, sin = rope_tables(positions, rope_inv_freq(self.config), _dtype(self.config.compute_dtype))
         x, cache = self._run_layers(x, cos, sin, segment_ids, positions, cache)
-        x = self.final_norm(x)
+        logits = self._logits(self.final_norm(x))
+        logits = shd.shard_activation(logits, ("act_batch", "act_seq", "act_vocab"))
+        return logits if cache is None else (logits, cache)
+
+    def _logits(self, x):
+        """fp32 logits [B, S, V] from the final hidden states [B, S, H].
+
+        Tokens are flattened to one [B*S, H] matrix first: with two contracted dims (batch, seq) in
+        the backward, XLA:CPU writes the [B, S, V] logits gradient transposed (and recomputes the
+        softmax grad to do so), which made this head's backward ~3x slower than the 2-D matmul.
+        """
+        b, s, _ = x.shape
+        x = _flat(x)
         if self.lm_head is None:
             emb = self.embed.embedding.get_value().astype(x.dtype)
-            logits = jnp.einsum("bsh,vh->bsv", x, emb, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("nh,vh->nv", x, emb, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
-        logits = shd.shard_activation(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
-        return logits if cache is None else (logits, cache)
+        return logits.astype(jnp.float32).reshape(b, s, -1)
 
     def _embed(self, input_ids):
         # Gather the table's fsdp shards first (as FSDP does for every weight): a lookup into a
