@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         if not _is_input_error(e):
             raise
         print(f"lt-jax {args.command}: error: {e}", file=sys.stderr)
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_input_error(e: BaseException) -> bool:
     """Bad input (our ValueError subclasses, missing files) prints one line; bugs keep their traceback."""
-    return isinstance(e, FileNotFoundError) or (type(e) is not ValueError and type(e).__module__.startswith("lt_jax"))
+    if isinstance(e, (FileNotFoundError, FileExistsError)):
+        return True
+    return type(e) is not ValueError and type(e).__module__.startswith("lt_jax")
 
 
 if __name__ == "__main__":

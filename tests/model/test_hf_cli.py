@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def test_import_then_export_roundtrip(hf_folder, prompts, hfx, qwen_tokenizer_di
     assert ref_tok.convert_ids_to_tokens(ref_tok.eos_token_id) == "<|im_end|>"
 
 
-def test_export_reads_only_model_items_of_a_training_checkpoint(hf_folder, hfx, tmp_path):
+def test_export_reads_only_model_items_of_a_training_checkpoint(hf_folder, hfx, tmp_path, capsys):
     """A trainer saves more items per step; export-hf picks the asked step and ignores the rest."""
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -78,8 +79,8 @@ def test_export_reads_only_model_items_of_a_training_checkpoint(hf_folder, hfx, 
     assert str(up.dtype) == "bfloat16"
     np.testing.assert_allclose(up.astype(np.float32), 2 * orig, rtol=1e-2)
 
-    with pytest.raises(FileNotFoundError, match=r"no step 7; available steps: \[100, 200\]"):
-        main(["export-hf", "--checkpoint", ckpt, "--out", out, "--step", "7"])
+    _fails(capsys, ["export-hf", "--checkpoint", ckpt, "--out", out, "--step", "7"],
+           r"no step 7; available steps: \[100, 200\]")
 
 
 def test_gcs_import_export(hf_folder, hfx, gcs_bucket, qwen_tokenizer_dir, tmp_path):
@@ -97,24 +98,27 @@ def test_gcs_import_export(hf_folder, hfx, gcs_bucket, qwen_tokenizer_dir, tmp_p
         assert storage.read_bytes(f"{out}/chat_template.jinja") == f.read()
 
 
-def test_cli_errors(hf_folder, tmp_path):
-    from lt_jax.config import ConfigError
-    from lt_jax.model.hf import HFFormatError
+def _fails(capsys, argv, pattern):
+    """The CLI reports bad input as one `lt-jax CMD: error: ...` line and exit status 2."""
+    capsys.readouterr()  # drop earlier output (progress bars)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and err.startswith(f"lt-jax {argv[0]}: error:"), err
 
-    with pytest.raises(HFFormatError, match="no config.json"):
-        main(["import-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "ckpt")])
-    with pytest.raises(FileNotFoundError, match="no checkpoint steps found"):
-        main(["export-hf", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
-    with pytest.raises(ConfigError, match="--mesh"):
-        main(["import-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "c"), "--mesh", "data=two"])
+
+def test_cli_errors(hf_folder, tmp_path, capsys):
+    _fails(capsys, ["import-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "ckpt")], "no config.json")
+    _fails(capsys, ["export-hf", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
+           "no checkpoint steps found")
+    _fails(capsys, ["import-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "c"), "--mesh", "data=two"], "--mesh")
     with pytest.raises(SystemExit):
         main(["import-hf", "--out", str(tmp_path)])  # --hf is required
+    assert "the following arguments are required: --hf" in capsys.readouterr().err
 
     folder, _ = hf_folder("qwen2_tied")
     ckpt = str(tmp_path / "twice")
     assert main(["import-hf", "--hf", folder, "--out", ckpt, "--step", "5"]) == 0
-    with pytest.raises(FileExistsError, match="step 5 already exists"):
-        main(["import-hf", "--hf", folder, "--out", ckpt, "--step", "5"])
+    _fails(capsys, ["import-hf", "--hf", folder, "--out", ckpt, "--step", "5"], "step 5 already exists")
 
 
 def test_parse_size():
