@@ -15,7 +15,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     work = tmp_path / "demo"
     status = cli.main([
         "demo", "--config", os.path.join(REPO, "configs", "tiny.yaml"), f"demo.workdir={work}",
-        "synthetic.num_problems=40", "synthetic.num_heldout=8", "train.steps=3", "train.global_batch=4",
+        "synthetic.num_problems=40", "synthetic.num_heldout=8", "train.steps=3", "train.global_batch=8",
         "eval.num_samples=1", "eval.sampling.max_new_tokens=48",
     ])
     assert status == 0
@@ -41,7 +41,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert (work / "hf" / "model.safetensors").exists() and (work / "hf" / "chat_template.jinja").exists()
     # A rerun resumes: every stage finds its work done and the demo still succeeds.
     assert cli.main(["demo", "--config", os.path.join(REPO, "configs", "tiny.yaml"), f"demo.workdir={work}",
-                     "synthetic.num_problems=40", "synthetic.num_heldout=8", "train.steps=3", "train.global_batch=4",
+                     "synthetic.num_problems=40", "synthetic.num_heldout=8", "train.steps=3", "train.global_batch=8",
                      "eval.num_samples=1", "eval.sampling.max_new_tokens=48"]) == 0
     again = [json.loads(line) for line in (work / "responses.jsonl").read_text().splitlines()]
     assert len(again) == len(responses)

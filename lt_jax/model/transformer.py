@@ -221,6 +221,8 @@ class Block(nnx.Module):
         return shd.shard_activation(x, ("act_batch", "act_seq", "act_embed")), new_cache
 
 
+_CACHE_AXES = ("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
+
 _REMAT_POLICIES = {
     "full": None,  # jax.checkpoint's default: save nothing, recompute the layer
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -313,26 +315,51 @@ class Transformer(nnx.Module):
         return jnp.take(table, input_ids, axis=0, mode="clip").astype(_dtype(self.config.compute_dtype))
 
     def _run_layers(self, x, cos, sin, segment_ids, positions, cache):
-        """jax.lax.scan of one layer body over the stacked layer state (and the cache's k/v)."""
-        graphdef, layer_state = nnx.split(self.layers)
-        kv, meta = None, None
+        """jax.lax.scan of one layer body over the stacked layer state (see `_run_cached_layers`)."""
         if cache is not None:
-            # Slot metadata is written once and shared by every layer; k/v are scanned per layer.
-            seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
-            pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
-            kv, meta = (cache.k, cache.v), (seg, pos, cache.index)
+            return self._run_cached_layers(x, cos, sin, segment_ids, positions, cache)
+        graphdef, layer_state = nnx.split(self.layers)
 
-        def body(carry, xs):
-            state, layer_kv = xs
-            layer_cache = None if layer_kv is None else (*layer_kv, *meta)
-            return nnx.merge(graphdef, state)(carry, cos, sin, segment_ids, positions, layer_cache)
+        def body(carry, state):
+            return nnx.merge(graphdef, state)(carry, cos, sin, segment_ids, positions)[0], None
 
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
-        x, new_kv = jax.lax.scan(body, x, (layer_state, kv))
-        if cache is None:
-            return x, None
-        return x, KVCache(*new_kv, meta[0], meta[1], cache.index + x.shape[1])
+        x, _ = jax.lax.scan(body, x, layer_state)
+        return x, None
+
+    def _run_cached_layers(self, x, cos, sin, segment_ids, positions, cache: KVCache):
+        """The layer scan with a KV cache: writes the S new tokens' k/v at `cache.index`.
+
+        The whole k/v buffers ride in the scan carry and each layer writes back only its S new
+        slots. Scanning them as xs/ys instead makes XLA stack a fresh output buffer and copy every
+        layer's slice into it, two cache-sized copies per decode step that the carry lets it update
+        in place (and the sampler's donation then reaches all the way down). No remat: this path
+        is inference only.
+        """
+        graphdef, layer_state = nnx.split(self.layers)
+        s, index = x.shape[1], jnp.asarray(cache.index, jnp.int32)
+        # Slot metadata is written once and shared by every layer.
+        seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, index, axis=1)
+        pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
+        keep = functools.partial(shd.shard_activation, logical_axes=_CACHE_AXES)
+
+        def write_back(buf, layer_buf, i):
+            # Attention clamps `index` like dynamic_slice does, so this reads exactly what it wrote.
+            new = jax.lax.dynamic_slice_in_dim(layer_buf, index, s, axis=1)
+            zero = jnp.zeros((), index.dtype)
+            return keep(jax.lax.dynamic_update_slice(buf, new[None], (i, zero, index, zero, zero)))
+
+        def body(carry, state):
+            h, k_all, v_all, i = carry
+            layer_cache = (jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False),
+                           jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False), seg, pos, index)
+            h, (k_layer, v_layer) = nnx.merge(graphdef, state)(h, cos, sin, segment_ids, positions, layer_cache)
+            return (h, write_back(k_all, k_layer, i), write_back(v_all, v_layer, i), i + 1), None
+
+        carry = (x, keep(cache.k), keep(cache.v), jnp.zeros((), jnp.int32))
+        (x, k, v, _), _ = jax.lax.scan(body, carry, layer_state)
+        return x, KVCache(k, v, seg, pos, cache.index + s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +378,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, mesh=N
 
     if mesh is None:
         return make()
-    kv = shd.logical_to_sharding(("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim"), mesh)
+    kv = shd.logical_to_sharding(_CACHE_AXES, mesh)
     ids = shd.logical_to_sharding(("cache_batch", "cache_seq"), mesh)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(make, out_shardings=KVCache(kv, kv, ids, ids, rep))()

@@ -184,6 +184,20 @@ def test_kv_cache_prefill_and_decode_equal_full_forward():
             np.testing.assert_allclose(decoded[t][i], full[len(p) + t], atol=1e-5, rtol=1e-5)
 
 
+
+def test_decode_step_updates_the_donated_cache_in_place():
+    """A decode step may copy one layer's k/v at a time, never the whole cache: with k/v scanned as
+    xs/ys, XLA stacked a fresh cache-sized output every step (temp > 1.4 caches here)."""
+    cfg = dataclasses.replace(FAMILIES["qwen3"], num_layers=4)
+    graphdef, params = nnx.split(init_model(cfg))
+    cache = init_cache(cfg, batch=2, max_len=512)
+    step = jax.jit(lambda p, c, t: nnx.merge(graphdef, p)(t, cache=c), donate_argnums=(1,))
+    mem = step.lower(params, cache, jnp.zeros((2, 1), jnp.int32)).compile().memory_analysis()
+    kv_bytes = cache.k.nbytes + cache.v.nbytes
+    assert mem.alias_size_in_bytes >= kv_bytes, "the donated k/v buffers are not reused for the new cache"
+    assert mem.temp_size_in_bytes < kv_bytes, f"decode temp {mem.temp_size_in_bytes} B >= cache {kv_bytes} B"
+
+
 PATHS = {
     "qwen2": {"embed.embedding", "final_norm.scale", "lm_head.kernel", "layers.input_norm.scale",
               "layers.post_attn_norm.scale", "layers.attn.o_proj.kernel", "layers.mlp.gate_proj.kernel",
