@@ -333,14 +333,7 @@ def add_arguments(parser, command: str) -> None:
 
 
 def run(args) -> int:
-    try:
-        return _run_cli(args)
-    except (ValueError, KeyError) as e:  # ConfigError and DataError included: bad config or input
-        print(f"lt-jax grade: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run_cli(args) -> int:
+    """The CLI shell; lt_jax.cli prints ConfigError / DataError as one `error:` line with status 2."""
     from lt_jax import config
 
     extra = list(args.overrides)

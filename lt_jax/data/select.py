@@ -30,6 +30,7 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any, Iterator, Literal
 
+from lt_jax.config import ConfigError
 from lt_jax.data import dedup, formats, jsonl
 from lt_jax.data.grade import problem_key, problem_stats, whitespace_tokens
 from lt_jax.data.jsonl import DropLog
@@ -326,7 +327,7 @@ def select_file(in_path: str, out_path: str, cfg: SelectConfig, report_path: str
     if cfg.graded:
         ungraded = sum(1 for c in cands if c.verdict is None and not c.failed)
         if ungraded:
-            raise ValueError(f"{in_path}: {ungraded} of {len(cands)} records have no verdict; run `lt-jax grade` first, "
+            raise ConfigError(f"{in_path}: {ungraded} of {len(cands)} records have no verdict; run `lt-jax grade` first, "
                              "or pass graded=false to select without the pass-rate / CV rules")
     decon = None
     if cfg.decontam:
@@ -410,14 +411,7 @@ def add_arguments(parser, command: str) -> None:
 
 
 def run(args) -> int:
-    try:
-        return _run_cli(args)
-    except (ValueError, KeyError) as e:  # ConfigError and DataError included: bad config or input
-        print(f"lt-jax select: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run_cli(args) -> int:
+    """The CLI shell; lt_jax.cli prints ConfigError / DataError as one `error:` line with status 2."""
     from lt_jax import config
 
     extra = list(args.overrides)
