@@ -7,15 +7,7 @@ import os
 import numpy as np
 import pytest
 
-TINY = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+from hf_models import TINY, redrawn_model
 
 # variant -> (config class name, extra config fields)
 VARIANTS = {
@@ -44,19 +36,9 @@ VARIANTS = {
 
 
 def build_hf_model(variant: str, seed: int = 0):
-    """A transformers model of `variant` with every weight redrawn (HF's 0.02 init makes logits
-    nearly constant, which would hide layout bugs): norms near 1, biases and kernels ~N(0, 0.1)."""
-    import torch
-    import transformers
-
+    """A transformers model of `variant` with every weight redrawn (see hf_models.redrawn_model)."""
     cls_name, extra = VARIANTS[variant]
-    config = getattr(transformers, cls_name)(**TINY, **extra)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    return model
+    return redrawn_model(cls_name, extra, seed)
 
 
 def hf_logits(model, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from hf_models import TINY, redrawn_model
+
 from lt_jax.model.hf import load_hf
 from lt_jax.model.sharding import MeshConfig, make_mesh
 from lt_jax.sample import sampler as smp
 
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
 FAMILIES = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, rope_theta=1000000.0, bos_token_id=None,
                                   eos_token_id=None)),
@@ -29,19 +29,9 @@ CHUNK = smp.SamplerConfig(chunk_size=8)  # several device calls per generation
 
 
 def build_hf(family: str, seed: int = 0):
-    """A transformers model of `family` with weights redrawn at N(0, 0.1) (norms near 1), so that
-    logits vary enough for greedy decoding to exercise every layer."""
-    import torch
-    import transformers
-
+    """A transformers model of `family` with weights redrawn (see hf_models.redrawn_model)."""
     cls, extra = FAMILIES[family]
-    config = getattr(transformers, cls)(**TINY, **extra)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    return model
+    return redrawn_model(cls, extra, seed)
 
 
 @pytest.fixture(scope="module")
