@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from packed_inputs import packed_qkv
 
 from lt_jax.model import sharding as shd
 from lt_jax.model.attention import attention, resolve_impl, segment_offsets, splash_attention
@@ -14,20 +15,7 @@ from lt_jax.model.attention import attention, resolve_impl, segment_offsets, spl
 
 def _packed_inputs(batch=4, seq=128, heads=4, kv_heads=2, dim=32, seed=0):
     """Random q/k/v plus rows holding several documents and trailing padding (segment 0)."""
-    rng = np.random.RandomState(seed)
-    q = rng.randn(batch, seq, heads, dim).astype(np.float32)
-    k = rng.randn(batch, seq, kv_heads, dim).astype(np.float32)
-    v = rng.randn(batch, seq, kv_heads, dim).astype(np.float32)
-    seg = np.zeros((batch, seq), np.int32)
-    pos = np.zeros((batch, seq), np.int32)
-    for b in range(batch):
-        end = seq - 3 * b  # the last 3*b tokens are padding
-        cuts = sorted(rng.choice(np.arange(1, end), size=min(b + 1, end - 1), replace=False))
-        bounds = [0, *cuts, end]
-        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            seg[b, lo:hi] = i + 1
-            pos[b, lo:hi] = np.arange(hi - lo)
-    return q, k, v, seg, pos
+    return packed_qkv(batch, seq, heads, kv_heads, dim, seed, pad_per_row=3)
 
 
 def _reference(q, k, v, seg, pos):

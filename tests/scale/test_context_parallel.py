@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from packed_inputs import packed_qkv
 from flax import nnx
 
 from lt_jax.model import context_parallel as cp
@@ -19,20 +20,7 @@ from lt_jax.model.transformer import init_model
 
 def _packed(batch, seq, heads, kv_heads, dim, seed=0):
     """q/k/v and packed rows: several documents per row (some crossing shard boundaries), padding."""
-    rng = np.random.RandomState(seed)
-    q = rng.randn(batch, seq, heads, dim).astype(np.float32)
-    k = rng.randn(batch, seq, kv_heads, dim).astype(np.float32)
-    v = rng.randn(batch, seq, kv_heads, dim).astype(np.float32)
-    seg = np.zeros((batch, seq), np.int32)
-    pos = np.zeros((batch, seq), np.int32)
-    for b in range(batch):
-        end = seq - 5 * b
-        cuts = sorted(rng.choice(np.arange(1, end), size=b + 1, replace=False))
-        bounds = [0, *cuts, end]
-        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            seg[b, lo:hi] = i + 1
-            pos[b, lo:hi] = np.arange(hi - lo)
-    return q, k, v, seg, pos
+    return packed_qkv(batch, seq, heads, kv_heads, dim, seed, pad_per_row=5)
 
 
 def _loss_and_grads(fn, q, k, v, seg):
