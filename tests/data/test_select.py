@@ -139,13 +139,13 @@ def test_config_from_yaml_and_overrides(tmp_path):
         config.load(SelectConfig, None, ["min_pass_rate=0.9", "max_pass_rate=0.1"])
 
 
-def test_pipeline_synthetic_grade_select_on_gcs(gcs_bucket, shared_dir, capsys):
+def test_pipeline_synthetic_grade_select_on_gcs(gcs_bucket, benchmark_data_dir, capsys):
     """synthetic -> grade -> select end to end through the CLI, every file on gs://."""
     base = f"{gcs_bucket}/run"
     assert cli.main(["synthetic", "--out", base, "num_problems=24", "num_heldout=4", "samples_per_problem=4"]) == 0
     assert cli.main(["grade", "--in", f"{base}/responses.jsonl", "--out", f"{base}/graded.jsonl"]) == 0
     assert cli.main(["select", "--in", f"{base}/graded.jsonl", "--out", f"{base}/sft.jsonl",
-                     "--decontam", f"{shared_dir}/data/math500/test.jsonl", "max_per_problem=2"]) == 0
+                     "--decontam", f"{benchmark_data_dir}/math500/test.jsonl", "max_per_problem=2"]) == 0
     out = capsys.readouterr().out
     assert "select: 96 records in" in out
     stats = [r for _, r in jsonl.read_jsonl(f"{base}/graded.stats.jsonl")]
