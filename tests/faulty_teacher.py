@@ -29,7 +29,7 @@ import random
 import threading
 import time
 
-FAULTS = ("429", "500", "503", "slow", "drop", "truncate", "empty")
+FAULTS = ("429", "500", "503", "slow", "drop", "truncate", "empty", "malformed")
 REASONING = "Let me think about this carefully."
 
 
@@ -126,7 +126,7 @@ class FaultyTeacher:
         if fault is None:
             with self._lock:
                 self.answered += 1
-        await _send(writer, 200, resp, truncate=fault == "truncate")
+        await _send(writer, 200, resp, truncate=fault == "truncate", malformed=fault == "malformed")
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -161,8 +161,9 @@ class FaultyTeacher:
 
 
 async def _send(writer: asyncio.StreamWriter, status: int, body: dict, headers: dict | None = None,
-                truncate: bool = False) -> None:
-    data = json.dumps(body).encode()
+                truncate: bool = False, malformed: bool = False) -> None:
+    # malformed: a whole 200 body that is not JSON (a proxy's error page, say)
+    data = b"<html>502 Bad Gateway</html>" if malformed else json.dumps(body).encode()
     lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", "Content-Type: application/json",
              f"Content-Length: {len(data)}", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]

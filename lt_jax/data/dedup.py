@@ -11,8 +11,11 @@
   confirmed by the true Jaccard similarity of the shingle sets, so the threshold is exact.
 - `Decontaminator` flags a text that matches a benchmark item exactly after normalisation, or
   shares one `ngram`-token window (13 by default, as in GPT-3's decontamination) with it. N-grams
-  that occur in `boilerplate_items` or more distinct benchmark items (instructions such as "Express
-  your answer as a common fraction") are ignored, so boilerplate alone never flags a problem.
+  that occur in `boilerplate_items` or more distinct benchmark texts (instructions such as "Express
+  your answer as a common fraction") are ignored, so boilerplate alone never flags a problem; the
+  same item loaded twice (a benchmark as .jsonl and .parquet) counts once. An item shorter than
+  `ngram` tokens has no window, so it flags a text that contains all of it, in order ("Solve the
+  following: " + item); items under `MIN_WHOLE_TOKENS` tokens match only exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ _FRAC = re.compile(r"\\[dt]frac(?![a-zA-Z])")
 _AROUND = re.compile(r"\s*([{}^_()\[\],=+\-*/])\s*")
 _CMD_SPACE = re.compile(r"(\\[a-zA-Z]+)\s+(?=[{\\])")
 _WS = re.compile(r"\s+")
+# Braces around one character or one command after ^ / _ group nothing: "18^{6}" is "18^6".
+_GROUP = re.compile(r"([\^_])\{(\\[a-zA-Z]+|[^{}\\\s])\}")
+MIN_WHOLE_TOKENS = 3
 _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_]+|[-+*/=<>^|%!×÷·≤≥≠]")
 
 
@@ -42,6 +48,7 @@ def normalize(text: str) -> str:
     t = _FRAC.sub(r"\\frac", t)
     t = _CMD_SPACE.sub(r"\1", t)
     t = _AROUND.sub(r"\1", t)
+    t = _GROUP.sub(lambda m: m.group(1) + m.group(2) + (" " if len(m.group(2)) > 1 else ""), t)  # "\\alpha 90" stays two tokens
     return _WS.sub(" ", t).strip()
 
 
@@ -147,7 +154,7 @@ class Hit:
 
     benchmark: str
     item: str
-    kind: str  # "exact" | "ngram"
+    kind: str  # "exact" | "ngram" | "whole" (a short item found whole inside the text)
     ngram: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,29 +216,43 @@ class Decontaminator:
         self.ngram = ngram
         self.items = list(items)
         self._exact: dict[str, BenchItem] = {}
-        owners: dict[tuple[str, ...], set[int]] = {}
+        self._short: dict[tuple[str, ...], int] = {}
+        owners: dict[tuple[str, ...], dict[str, int]] = {}  # n-gram -> {distinct text: first item}
         for i, it in enumerate(self.items):
-            self._exact.setdefault(exact_key(it.text), it)
-            for g in self._windows(it.text):
-                owners.setdefault(g, set()).add(i)
+            key = exact_key(it.text)
+            self._exact.setdefault(key, it)
+            toks = tokens(it.text)
+            if MIN_WHOLE_TOKENS <= len(toks) < ngram:
+                self._short.setdefault(tuple(toks), i)
+            for g in _windows(toks, ngram):
+                owners.setdefault(g, {}).setdefault(key, i)
         limit = boilerplate_items if boilerplate_items > 0 else None
-        self._ngrams = {g: min(o) for g, o in owners.items() if limit is None or len(o) < limit}
+        self._ngrams = {g: min(o.values()) for g, o in owners.items() if limit is None or len(o) < limit}
         self.boilerplate_ngrams = len(owners) - len(self._ngrams)
-
-    def _windows(self, text: str) -> Iterable[tuple[str, ...]]:
-        toks = tokens(text)
-        return (tuple(toks[i : i + self.ngram]) for i in range(len(toks) - self.ngram + 1))
+        self._short_lengths = sorted({len(t) for t in self._short})
 
     def check(self, *texts: str) -> Hit | None:
-        """The first benchmark match of any of `texts` (exact first, then n-gram)."""
+        """The first benchmark match of any of `texts` (exact first, then n-gram, then a short item whole)."""
         for text in texts:
             it = self._exact.get(exact_key(text))
             if it is not None:
                 return Hit(it.benchmark, it.item, "exact")
-        for text in texts:
-            for g in self._windows(text):
+        toks = [tokens(text) for text in texts]
+        for t in toks:
+            for g in _windows(t, self.ngram):
                 i = self._ngrams.get(g)
                 if i is not None:
                     it = self.items[i]
                     return Hit(it.benchmark, it.item, "ngram", " ".join(g))
+        for t in toks:
+            for n in self._short_lengths:
+                for g in _windows(t, n):
+                    i = self._short.get(g)
+                    if i is not None:
+                        it = self.items[i]
+                        return Hit(it.benchmark, it.item, "whole", " ".join(g))
         return None
+
+
+def _windows(toks: Sequence[str], n: int) -> Iterable[tuple[str, ...]]:
+    return (tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))

@@ -121,14 +121,11 @@ class Problem:
 
 
 def _rows(path: str) -> Iterator[tuple[int, dict]]:
-    if str(path).endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
+    """Every row the shared reader gives (JSONL, .gz, JSON, Parquet, BOM); a bad one stops the run."""
+    from lt_jax.data import formats
 
-        with storage.open_file(path, "rb") as f:
-            table = pq.read_table(f)
-        yield from enumerate(table.to_pylist(), start=1)
-    else:
-        yield from jsonl.read_jsonl(path, policy="strict")
+    for file in formats.list_files(path):
+        yield from formats.read_rows(file, policy="strict")
 
 
 def read_problems(path: str, id_field: str = "id", problem_field: str = "problem",
@@ -214,8 +211,8 @@ def classify(error: BaseException) -> tuple[str, bool]:
         if status >= 500 or status in (408, 409):
             return "server_error" if status >= 500 else f"http_{status}", True
         return f"http_{status}", False
-    if isinstance(error, (BadResponse, openai.APIResponseValidationError)):
-        return "bad_response", True
+    if isinstance(error, (BadResponse, openai.APIResponseValidationError, json.JSONDecodeError)):
+        return "bad_response", True  # a 200 whose body is not usable JSON is a transient teacher fault
     return "internal", False
 
 
@@ -275,7 +272,7 @@ class Teacher:
         else:
             full = f"{c.system_prompt}\n\n{prompt}" if c.system_prompt else prompt
             resp = await self.client.completions.create(prompt=full, **kwargs)
-        if not resp.choices:
+        if not getattr(resp, "choices", None):  # no choices, or a body the client could not parse
             raise BadResponse("the response has no choices")
         choice = resp.choices[0]
         if c.api == "chat":

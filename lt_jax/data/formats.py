@@ -35,7 +35,7 @@ import re
 from typing import Any, Callable, Iterator
 
 from lt_jax import storage
-from lt_jax.data.jsonl import DataError, DropLog, Policy, check_policy, handle, read_jsonl
+from lt_jax.data.jsonl import DataError, DropLog, Policy, check_policy, handle, loads, read_jsonl
 
 LAYOUTS = ("responses", "openai", "sharegpt", "problem_solution", "am")
 CANONICAL = ("id", "problem", "response", "thinking", "reference", "system", "messages", "conversations", "source")
@@ -103,7 +103,6 @@ class Record:
 # Thinking / answer split
 
 
-_THINK = re.compile(r"<think>(.*?)</think>", re.S)
 _THOUGHT = re.compile(r"<\|begin_of_thought\|>(.*?)<\|end_of_thought\|>", re.S)
 _SOLUTION = re.compile(r"<\|begin_of_solution\|>(.*?)(?:<\|end_of_solution\|>|$)", re.S)
 _ANSWER_TAG = re.compile(r"^\s*<answer>(.*?)(?:</answer>\s*)?$", re.S)
@@ -112,7 +111,8 @@ _ANSWER_TAG = re.compile(r"^\s*<answer>(.*?)(?:</answer>\s*)?$", re.S)
 def split_thinking(text: str) -> tuple[str | None, str]:
     """(thinking, answer) from a response with inline thinking.
 
-    Handles <think>...</think>, a bare leading "...</think>" (templates that open <think> in the
+    Everything up to the last </think> is thinking (one leading <think> removed): this covers
+    <think>...</think>, several blocks, a bare "...</think>" (templates that open <think> in the
     prompt), an unclosed <think> (truncated: everything is thinking, the answer is empty), the
     OpenThoughts thought/solution markers and AM's <answer>...</answer> wrapper. Text with no
     markers is all answer.
@@ -125,12 +125,11 @@ def split_thinking(text: str) -> tuple[str | None, str]:
         return m.group(1).strip(), (sol.group(1) if sol else rest).strip()
     if "<|begin_of_thought|>" in text:
         return text.split("<|begin_of_thought|>", 1)[1].strip(), ""
-    m = _THINK.search(text)
-    if m:
-        thinking, answer = m.group(1).strip(), text[m.end():]
-    elif "</think>" in text:
-        head, answer = text.split("</think>", 1)
-        thinking = head.replace("<think>", "").strip()
+    if "</think>" in text:
+        # Everything up to the last closing tag is thinking, however many blocks the model opened.
+        head, answer = text.rsplit("</think>", 1)
+        head = head.lstrip()
+        thinking = (head[len("<think>"):] if head.startswith("<think>") else head).strip()
     elif "<think>" in text:
         return text.split("<think>", 1)[1].strip(), ""
     else:
@@ -164,7 +163,7 @@ def read_rows(path: str, *, policy: Policy = "skip", drops: DropLog | None = Non
     """Yields (line / item / row number, 1-based; dict) from one JSONL, JSON or Parquet file."""
     check_policy(policy)
     name = str(path)
-    if name.endswith(".parquet"):
+    if name.endswith((".parquet", ".pq")):
         yield from _parquet_rows(path, policy, drops)
     elif name.endswith(".json"):
         yield from _json_rows(path, policy, drops)
@@ -175,7 +174,7 @@ def read_rows(path: str, *, policy: Policy = "skip", drops: DropLog | None = Non
 def _json_rows(path: str, policy: Policy, drops: DropLog | None) -> Iterator[tuple[int, dict]]:
     data = storage.read_bytes(path)
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         handle(DataError(path, None, None, f"invalid UTF-8 at byte {e.start}", "invalid_utf8"), policy, drops)
         return

@@ -34,6 +34,7 @@ import time
 from collections import Counter, defaultdict
 from typing import Any, Iterable, Iterator, Literal
 
+from lt_jax import storage
 from lt_jax.data import formats, jsonl
 from lt_jax.data.jsonl import DropLog
 
@@ -265,6 +266,8 @@ def grade_file(in_path: str, out_path: str, cfg: GradeConfig, stats_path: str | 
     from lt_jax.data import verify
 
     verify.get_verifier(cfg.domain)  # fail fast on an unknown default domain
+    if not storage.exists(in_path):  # before the writer creates an empty output
+        raise FileNotFoundError(f"{in_path}: input not found")
     start = time.time()
     summary = GradeSummary()
     done = done_keys(out_path)

@@ -20,8 +20,9 @@ import json
 import os
 import tempfile
 import time
+import zlib
 from collections import Counter
-from typing import IO, Any, Iterable, Iterator, Literal
+from typing import IO, Any, Callable, Iterable, Iterator, Literal
 
 from lt_jax import storage
 
@@ -45,6 +46,8 @@ class DropLog:
     max_examples: int = 5
     counts: Counter = dataclasses.field(default_factory=Counter)
     examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # Called with each DataError as it is counted (a stage that keeps every drop in order, e.g. tokenize).
+    on_error: Callable[["DataError"], None] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def add(self, reason: str, where: str = "", n: int = 1) -> None:
         self.counts[reason] += n
@@ -54,6 +57,8 @@ class DropLog:
 
     def add_error(self, err: DataError) -> None:
         self.add(err.reason, str(err))
+        if self.on_error is not None:
+            self.on_error(err)
 
     @property
     def total(self) -> int:
@@ -101,7 +106,9 @@ def read_jsonl(path: str, *, policy: Policy = "skip", drops: DropLog | None = No
     """
     check_policy(policy)
     for handle_ in _open_read(path):
-        for line_no, raw in enumerate(handle_, start=1):
+        for line_no, raw in _lines(path, handle_, policy, drops):
+            if line_no == 1 and raw.startswith(_BOM):  # editors on Windows write one; it is not data
+                raw = raw[len(_BOM):]
             if not raw.strip():
                 continue
             try:
@@ -110,7 +117,7 @@ def read_jsonl(path: str, *, policy: Policy = "skip", drops: DropLog | None = No
                 handle(DataError(path, line_no, None, f"invalid UTF-8 at byte {e.start}", "invalid_utf8"), policy, drops)
                 continue
             try:
-                obj = json.loads(text)
+                obj = loads(text)
             except json.JSONDecodeError as e:
                 tail = "" if raw.endswith(b"\n") else " (truncated last line?)"
                 handle(DataError(path, line_no, None, f"invalid JSON: {e.msg} at column {e.colno}{tail}", "invalid_json"), policy, drops)
@@ -119,6 +126,28 @@ def read_jsonl(path: str, *, policy: Policy = "skip", drops: DropLog | None = No
                 handle(DataError(path, line_no, None, f"expected a JSON object, got {type(obj).__name__}", "not_an_object"), policy, drops)
                 continue
             yield line_no, obj
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def loads(text: str | bytes) -> Any:
+    """json.loads that reports nesting too deep for Python's parser as a JSONDecodeError, not a crash."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to parse", text if isinstance(text, str) else "", 0) from None
+
+
+def _lines(path: str, f: IO[bytes], policy: Policy, drops: DropLog | None) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line); a cut or corrupt .gz stream ends the file as one located drop."""
+    line_no = 0
+    try:
+        for line_no, raw in enumerate(f, start=1):
+            yield line_no, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        reason = "truncated_gzip" if isinstance(e, EOFError) else "invalid_gzip"
+        handle(DataError(path, line_no + 1, None, f"compressed stream is cut or corrupt ({e}); lines before it kept", reason), policy, drops)
 
 
 def repair_tail(path: str) -> int:

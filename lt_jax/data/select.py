@@ -384,6 +384,9 @@ def print_report(report: dict[str, Any], file=None) -> None:
       f"problems {report['problems_in']} -> {report['problems_out']}")
     for reason, n in report["dropped"].items():
         p(f"  dropped {reason}: {n}")
+    for reason, where in sorted(report["bad_input_examples"].items()):
+        for w in where[:3]:  # the first few locations; the report lists more
+            p(f"    {w}")
     con = report["contamination"]
     if not con["benchmark_items"]:
         p("  decontamination: none (pass --decontam PATH[:FIELD] to check against eval sets)")

@@ -1,6 +1,7 @@
 """`lt-jax tokenize`: chat-format JSONL -> token shards with an assistant-only loss mask.
 
-Input lines are ``{"id": str, "messages": [{"role", "content"}, ...], "meta": {...}}``. Each
+Input rows are ``{"id": str, "messages": [{"role", "content"}, ...], "meta": {...}}``, read by
+``formats.read_rows`` like every other stage (JSONL, .jsonl.gz, JSON, Parquet, a leading BOM). Each
 conversation is rendered with the tokenizer's own chat template and the rendered text is encoded
 as is (``add_special_tokens=False``: the template already holds BOS and the like), so training sees
 exactly what the template renders, including any reformatting of earlier turns. The loss mask is 1
@@ -26,8 +27,8 @@ its marker (see shards.py); a rerun checks a finished shard's input hash and set
 and redoes unfinished ones. manifest.json is written last, and only from committed shard markers,
 so a killed and resumed run writes byte-identical shards and manifest.
 
-Nothing is dropped silently. Each dropped line is counted under a reason (blank_line, invalid_utf8,
-invalid_json, missing_messages, bad_field, no_assistant_turn, special_token_in_content,
+Nothing is dropped silently. Each dropped row is counted under a reason (the reader's invalid_utf8,
+invalid_json, not_an_object, truncated_gzip, ...; missing_messages, bad_field, no_assistant_turn, special_token_in_content,
 template_error, template_not_prefix_stable, overlength, no_loss_tokens) and listed with file and
 line in drops.jsonl; ``strict`` raises on the first one instead. Over-length records
 (> max_length tokens) are dropped or, with ``overlength="truncate"``, cut to their first max_length
@@ -111,8 +112,18 @@ class InputError(ValueError):
 # One record
 
 
-def parse_record(raw: bytes) -> tuple[str | None, list[dict[str, str]]]:
+@dataclasses.dataclass(frozen=True)
+class ReadDrop:
+    """A row the reader could not return (counted in order with the rows around it)."""
+
+    reason: str
+    detail: str
+
+
+def parse_record(raw: bytes | ReadDrop) -> tuple[str | None, list[dict[str, str]]]:
     """Validates one JSONL line; returns (id, messages) or raises RecordError naming the field."""
+    if isinstance(raw, ReadDrop):
+        raise RecordError(raw.reason, raw.detail)
     if not raw.strip():
         raise RecordError("blank_line", "empty line")
     try:
@@ -246,7 +257,7 @@ def _init_worker(tokenizer_dir: str, mask_method: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class ShardTask:
     index: int
-    lines: list[tuple[int, int, bytes]]  # (source index, 1-based line number, raw bytes)
+    lines: list[tuple[int, int, bytes | ReadDrop]]  # (source index, 1-based row number, the row as JSON bytes)
     input_sha256: str
 
 
@@ -303,24 +314,46 @@ def run_shard(task: ShardTask, config: TokenizeConfig, settings: dict, encoder: 
 # The whole run
 
 
-def _read_chunks(config: TokenizeConfig, sources: list[dict]) -> Iterator[ShardTask]:
-    """Streams the inputs once, in order, as shard-sized groups of lines; fills `sources` hashes."""
-    batch: list[tuple[int, int, bytes]] = []
+def _input_rows(path: str) -> Iterator[tuple[int, bytes | ReadDrop]]:
+    """(row number, row as JSON bytes, or the reader's drop) in file order, via the shared reader."""
+    from lt_jax.data import formats
+    from lt_jax.data.jsonl import DropLog
+
+    pending: list[tuple[int, ReadDrop]] = []
+    drops = DropLog(on_error=lambda e: pending.append((e.line or 0, ReadDrop(e.reason, str(e).split(": ", 1)[-1]))))
+    for file in formats.list_files(path):
+        for line_no, row in formats.read_rows(file, policy="skip", drops=drops):
+            yield from pending
+            pending.clear()
+            yield line_no, json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+        yield from pending
+        pending.clear()
+
+
+def _file_sha256(path: str) -> str:
     digest = hashlib.sha256()
-    index = 0
+    with storage.open_file(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_chunks(config: TokenizeConfig, sources: list[dict]) -> Iterator[ShardTask]:
+    """Streams the inputs once, in order, as shard-sized groups of rows; fills `sources` hashes."""
+    batch: list[tuple[int, int, bytes | ReadDrop]] = []
+    digest = hashlib.sha256()
+    index = count = 0
     for src, path in enumerate(config.inputs):
-        file_hash = hashlib.sha256()
-        line_no = 0
-        with storage.open_file(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                file_hash.update(raw)
-                raw = raw.rstrip(b"\r\n")
-                digest.update(f"{src}:{line_no}:{len(raw)}:".encode() + raw)
-                batch.append((src, line_no, raw))
-                if len(batch) == config.records_per_shard:
-                    yield ShardTask(index, batch, digest.hexdigest())
-                    batch, digest, index = [], hashlib.sha256(), index + 1
-        sources.append({"path": path, "sha256": file_hash.hexdigest(), "lines": line_no})
+        count = 0
+        for count, (line_no, raw) in enumerate(_input_rows(path), start=1):
+            body = raw if isinstance(raw, bytes) else f"drop:{raw.reason}".encode()  # details may say "last line"
+            digest.update(f"{src}:{line_no}:{len(body)}:".encode() + body)
+            batch.append((src, line_no, raw))
+            if len(batch) == config.records_per_shard:
+                yield ShardTask(index, batch, digest.hexdigest())
+                batch, digest, index = [], hashlib.sha256(), index + 1
+        sha = _file_sha256(path) if not storage.isdir(path) else None
+        sources.append({"path": path, "sha256": sha, "lines": count})
     if batch:
         yield ShardTask(index, batch, digest.hexdigest())
 
@@ -376,14 +409,14 @@ def tokenize(
         encoder = ChatEncoder(tok_dir, config.mask_method)
         settings = _fingerprint(tok_dir, encoder, config)
         committed = shards_lib.committed_shards(config.out)
-        total_bytes = sum(storage.filesystem(p).size(p) for p in config.inputs)
+        total_bytes = sum(storage.filesystem(p).size(p) for p in config.inputs if not storage.isdir(p))
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
         sources: list[dict] = []
         markers: dict[int, dict] = {}
 
         def done(task: ShardTask, meta: dict) -> None:
             markers[task.index] = meta
-            bar.update(sum(len(raw) + 1 for _, _, raw in task.lines))
+            bar.update(sum(len(raw) + 1 for _, _, raw in task.lines if isinstance(raw, bytes)))
             bar.set_postfix(records=sum(m["records"] for m in markers.values()), shards=len(markers))
             if on_shard_done is not None:
                 on_shard_done(task.index, meta)
@@ -538,6 +571,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     for reason, n in m["drops"]["by_reason"].items():
         print(f"  dropped {n}: {reason}")
+        for where in m["drops"]["examples"].get(reason, [])[:3]:  # all of them: OUT/drops.jsonl
+            print(f"    {where}")
     if m["overlength"]["truncated"]:
         print(f"  truncated to {config.max_length}: {m['overlength']['truncated']}")
     return 0

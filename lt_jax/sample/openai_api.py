@@ -251,12 +251,10 @@ def _held_suffix(buf: str, tag: str) -> int:
 
 
 def split_think(text: str) -> tuple[str | None, str]:
-    """(reasoning or None when there is no <think> block, content) of a finished text."""
-    splitter = ThinkSplitter()
-    r1, c1 = splitter.feed(text)
-    r2, c2 = splitter.flush()
-    has_think = text.lstrip().startswith(ThinkSplitter.OPEN)
-    return (r1 + r2 if has_think else None), c1 + c2
+    """(reasoning or None, content) of a finished text: the data stages' rule (formats.split_thinking)."""
+    from lt_jax.data.formats import split_thinking
+
+    return split_thinking(text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from lt_jax.data.select import SelectConfig, select_file
     [
         ("Find $\\frac{1}{2}+x$.", "find \\frac {1} {2} + x ."),
         ("Let $x^{2} = 4$.", "Let  x ^ {2}=4 ."),
+        ("What is $18^6$?", "What is $18 ^ {6}$?"),  # braces around one exponent token group nothing
+        ("$90^{\\circ}$", "$90^\\circ$"),
         ("\\left( \\dfrac{a}{b} \\right)", "(\\frac{a}{b})"),
         ("a\\,b\\quad c", "a b c"),
         ("ＡＢＣ", "abc"),  # NFKC folds full-width letters
@@ -98,10 +100,48 @@ def test_planted_copies_found_and_unrelated_problems_not_flagged(tmp_path, jl, b
     assert report["records_out"] == len(unrelated)
 
 
-def test_boilerplate_ngrams_do_not_flag(decontaminator):
-    assert decontaminator.boilerplate_ngrams > 0  # instructions shared by several MATH-500 items
-    boiler = "Express your answer as a common fraction."
-    assert decontaminator.check(f"A jar holds 3 red and 4 blue pens; one is picked. {boiler}") is None
+BOILER = "That chance equals $\\frac{m}{n}$, where $m$ and $n$ are relatively prime positive integers. Find $m+n$."
+
+
+def test_boilerplate_ngrams_do_not_flag(decontaminator, benchmark_specs):
+    """The probe shares only boilerplate 13-grams with the eval sets: flagged with the filter off, not with it on."""
+    assert decontaminator.boilerplate_ngrams > 0  # instructions shared by several AIME items
+    probe = f"A jar holds 3 red and 4 blue pens and two are picked at once. The chance both are red is p. {BOILER}"
+    assert decontaminator.check(probe) is None
+    items = [it for s in benchmark_specs for it in dedup.load_benchmark(s)]
+    unfiltered = dedup.Decontaminator(items, boilerplate_items=0).check(probe)
+    assert unfiltered is not None and unfiltered.kind == "ngram" and "relatively prime" in unfiltered.ngram
+
+
+def test_boilerplate_counts_distinct_texts_not_copies(tmp_path, jl):
+    """The same benchmark as .jsonl, .json and .parquet is one text per item, so its n-grams still match."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"problem": "Twelve knights sit at a round table and each one lies or tells the truth about the "
+                        "colour of the dragon guarding the northern tower of the castle."}]
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    jl.write(folder / "a.jsonl", rows)
+    (folder / "a.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), str(folder / "a.parquet"))
+    d = dedup.Decontaminator(dedup.load_benchmark(str(folder)))
+    assert len(d.items) == 3 and d.boilerplate_ngrams == 0
+    hit = d.check("Story time: twelve knights sit at a round table and each one lies or tells the truth about the colour of it.")
+    assert hit is not None and hit.kind == "ngram"
+
+
+def test_short_items_match_whole_inside_longer_text(decontaminator, benchmark_items):
+    short = [p for p, _ in benchmark_items["math500"] if dedup.MIN_WHOLE_TOKENS <= len(dedup.tokens(p)) < 13]
+    assert len(short) >= 30  # MATH-500 items with no 13-token window (35 by the issue's count)
+    for item in short:
+        hit = decontaminator.check("Solve the following: " + item + " Show your work.")
+        assert hit is not None and hit.kind in ("whole", "exact", "ngram"), item
+    assert decontaminator.check("Solve the following: Compute 4 + 1 then add seven.") is None
+    # Exponent braces are grouping only: "$18^6$" and "$18 ^ {6}$" are the same item.
+    d = dedup.Decontaminator([dedup.BenchItem("b", "1", "What is the units digit of $18^6$?")])
+    assert d.check("What is the units digit of $18 ^ {6}$ ?").kind == "exact"
+    assert dedup.tokens("$x_{\\alpha} 9$") == dedup.tokens("$x_\\alpha 9$") == ["x", "alpha", "9"]  # folding joins no tokens
 
 
 def test_decontam_folder_and_gcs(tmp_path, jl, gcs_bucket):

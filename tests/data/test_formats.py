@@ -227,10 +227,16 @@ def test_unknown_layout_counted(tmp_path):
         ("plain answer", None, "plain answer"),
         ("<|begin_of_thought|>t<|end_of_thought|><|begin_of_solution|>s<|end_of_solution|>", "t", "s"),
         ("<think>t</think>\n<answer>\nx\n</answer>", "t", "x"),
+        # everything up to the last closing tag is thinking: the answer is what follows it
+        ("<think>a</think><think>\\boxed{42}</think>", "a</think><think>\\boxed{42}", ""),
+        ("<think>a</think>b<think>c</think>d", "a</think>b<think>c", "d"),
     ],
 )
 def test_split_thinking(text, thinking, answer):
     assert formats.split_thinking(text) == (thinking, answer)
+    from lt_jax.sample import openai_api
+
+    assert openai_api.split_think(text) == (thinking, answer)  # the server splits by the same rule
 
 
 def test_writer_resume_repairs_torn_tail(tmp_path):

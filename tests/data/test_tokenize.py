@@ -253,15 +253,15 @@ def test_bad_lines_are_counted_with_file_and_line(tmp_path, qwen_tokenizer_dir):
         {"id": "u", "messages": [{"role": "user", "content": "hi"}]},  # 5 no assistant turn
         bad_role,                                                 # 6
         {"id": "c", "messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},  # 7
-        b"\n",                                                    # 8 blank
+        b"\n",                                                    # 8 blank: skipped, as every stage's reader does
         {"id": "s", "messages": [{"role": "user", "content": "a<|im_end|>b"}, {"role": "assistant", "content": "y"}]},
         b'{"id": "last", "messages": [',                          # 10 torn tail, no newline
     ]
     manifest, out = run(tmp_path, qwen_tokenizer_dir, lines)
     path = str(tmp_path / "out.jsonl")
-    assert manifest["num_records"] == 1 and manifest["input_lines"] == 10
+    assert manifest["num_records"] == 1 and manifest["input_lines"] == 9
     assert manifest["drops"]["by_reason"] == {
-        "bad_field": 2, "blank_line": 1, "invalid_json": 2, "invalid_utf8": 1, "missing_messages": 1,
+        "bad_field": 2, "invalid_json": 2, "invalid_utf8": 1, "missing_messages": 1,
         "no_assistant_turn": 1, "special_token_in_content": 1,
     }
     drops = [json.loads(x) for x in open(os.path.join(out, "drops.jsonl"))]

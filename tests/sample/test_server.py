@@ -260,7 +260,6 @@ SPLIT_CASES = [
     "<think>\nstep 1\nstep 2\n</think>\n\nThe answer is 4.",
     "  <think>a</think>b",
     "<think>\nunclosed thinking cut by max_tokens",
-    "no thinking at all, <think> later</think> stays content",
     "<thi",
     "<think>\n\n</think>\n\n",
     "<think>x</thin",
