@@ -19,9 +19,59 @@ def is_remote(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+class StorageUnreachable(ValueError):
+    """The object store behind a path cannot be reached at all (network, DNS, emulator address)."""
+
+
+# gcsfs retries an unreachable endpoint about 30 s per request; a stage makes several requests, so a
+# typo or a missing network took minutes to surface. One probe per endpoint, with a few quick
+# tries, turns that into one clear line within seconds.
+PROBE_TRIES = 3
+PROBE_TIMEOUT_S = 3.0
+_reachable: set[str] = set()  # endpoints that answered (a failure is probed again next time)
+
+
+def _probe(endpoint: str, bucket: str) -> str | None:
+    """None when `endpoint` answers HTTP at all (any status: auth is checked later), else the error."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    error = "no answer"
+    for attempt in range(PROBE_TRIES):
+        if attempt:
+            time.sleep(0.5 * 2 ** (attempt - 1))
+        try:
+            urllib.request.urlopen(f"{endpoint}/storage/v1/b/{bucket}?fields=name", timeout=PROBE_TIMEOUT_S).close()
+            return None
+        except urllib.error.HTTPError:
+            return None  # it answered: 401 / 403 / 404 are for the real request to report
+        except (urllib.error.URLError, OSError) as e:
+            error = str(getattr(e, "reason", e))
+    return error
+
+
+def check_reachable(path: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
+    """Raises StorageUnreachable naming `path` when its gs:// endpoint does not answer (success is cached)."""
+    if not str(path).startswith("gs://"):
+        return
+    fs = fs or fsspec.filesystem("gs")
+    endpoint = str(getattr(fs, "_location", "https://storage.googleapis.com")).rstrip("/")
+    if endpoint in _reachable:
+        return
+    error = _probe(endpoint, str(path)[len("gs://"):].split("/", 1)[0])
+    if error is not None:
+        raise StorageUnreachable(
+            f"{path}: cannot reach Cloud Storage at {endpoint} ({error}, {PROBE_TRIES} tries); "
+            "check the network, the bucket name and STORAGE_EMULATOR_HOST"
+        )
+    _reachable.add(endpoint)
+
+
 def filesystem(path: str) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem that serves `path`."""
+    """The fsspec filesystem that serves `path` (a gs:// endpoint is checked once to be reachable)."""
     fs, _ = fsspec.core.url_to_fs(str(path))
+    check_reachable(path, fs)
     return fs
 
 
@@ -60,6 +110,7 @@ def open_file(path: str, mode: str = "rb") -> Iterator[IO]:
     if any(m in mode for m in "wa") and not is_remote(path):
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
+    check_reachable(path)
     with fsspec.open(str(path), mode) as f:
         yield f
 

@@ -21,3 +21,30 @@ def test_local_round_trip(tmp_path):
     storage.write_text(path, "ok")
     assert storage.read_text(path) == "ok"
     assert storage.listdir(str(tmp_path / "x")) == ["y.txt"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_gcs_is_one_line_within_seconds(tmp_path):
+    """A dead endpoint (no network, a wrong emulator address) is one error line naming the path, not
+    minutes of client retries ending in a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{_closed_port()}", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    path = "gs://no-such-bucket/graded.jsonl"
+    for argv in (["grade", "--in", path, "--out", str(tmp_path / "g.jsonl"), "--no-progress"],
+                 ["tokenize", "--in", path, "--tokenizer", str(tmp_path), "--out", str(tmp_path / "t"), "--no-progress"]):
+        # the timeout is the test: before the fix each command retried for a minute or more
+        res = subprocess.run([sys.executable, "-m", "lt_jax.cli", *argv], capture_output=True, text=True, env=env, timeout=45)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+        assert path in lines[0] and "cannot reach" in lines[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "g.jsonl").exists()
