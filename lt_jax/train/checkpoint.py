@@ -214,6 +214,12 @@ class TrainCheckpointer:
         state = type(target)(ts["step"], restored[PARAMS], restored[OPT_STATE], ts["rng"])
         return state, restored[LOADER], restored[RUN_CONFIG]
 
+    def run_config(self, step: int) -> dict:
+        """The run config stored with `step` (read alone, before any array is restored)."""
+        import orbax.checkpoint as ocp
+
+        return self.manager.restore(step, args=ocp.args.Composite(**{RUN_CONFIG: ocp.args.JsonRestore()}))[RUN_CONFIG]
+
     def wait(self) -> None:
         """Blocks until the last save is committed."""
         self.manager.wait_until_finished()

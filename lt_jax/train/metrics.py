@@ -64,6 +64,20 @@ def peak_flops_per_device(device_kind: str, override: Optional[float] = None) ->
     return None
 
 
+def device_memory(devices) -> dict[str, float]:
+    """{memory_in_use_gb, memory_peak_gb}: the most over `devices`, where the platform reports it (TPU,
+    GPU); empty on CPU, whose devices report nothing."""
+    stats = [d.memory_stats() for d in devices]
+    stats = [s for s in stats if s and "bytes_in_use" in s]
+    if not stats:
+        return {}
+    out = {"memory_in_use_gb": max(s["bytes_in_use"] for s in stats) / 2**30}
+    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
+    if peaks:
+        out["memory_peak_gb"] = max(peaks) / 2**30
+    return out
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -95,6 +109,9 @@ def console_line(step: int, total: int, m: dict[str, float]) -> str:
         parts.append(f"step {m['step_time_s']:.3f}s (data {m['data_wait_s']:.3f}s)")
     if "eta_s" in m:
         parts.append(f"ETA {format_duration(m['eta_s'])}")
+    if "memory_in_use_gb" in m:
+        peak = f" (peak {m['memory_peak_gb']:.1f})" if "memory_peak_gb" in m else ""
+        parts.append(f"mem {m['memory_in_use_gb']:.1f}{peak} GiB")
     return " | ".join(parts)
 
 
@@ -177,4 +194,4 @@ class MetricsWriter:
         self.flush()
 
 
-__all__ = ["MetricsWriter", "step_flops", "matmul_params", "peak_flops_per_device", "console_line", "PEAK_FLOPS"]
+__all__ = ["MetricsWriter", "device_memory", "step_flops", "matmul_params", "peak_flops_per_device", "console_line", "PEAK_FLOPS"]

@@ -23,7 +23,10 @@ from lt_jax.train.config import OptimConfig
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
-    return cfg.warmup_steps if cfg.warmup_steps else int(round(cfg.warmup_fraction * total_steps))
+    """`warmup_steps`, or `warmup_fraction` of the run rounded, but at least 1 when the fraction is positive."""
+    if cfg.warmup_steps:
+        return cfg.warmup_steps
+    return max(int(round(cfg.warmup_fraction * total_steps)), 1 if cfg.warmup_fraction > 0 else 0)
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -115,7 +115,7 @@ def initial_params(cfg: RunConfig, model_config, mesh):
     return st.split_model(model)
 
 
-def setup(cfg: RunConfig, printer=print) -> Run:
+def setup(cfg: RunConfig, printer=print, accept_config_changes: bool = False) -> Run:
     import jax
 
     from lt_jax.data import loader as loader_lib
@@ -147,6 +147,12 @@ def setup(cfg: RunConfig, printer=print) -> Run:
         async_save=cfg.checkpoint.async_save,
     )
     resume = checkpointer.latest_step()
+    if resume is not None:  # before any restore: a refused change costs nothing
+        from lt_jax.train.resume_check import check_resume
+
+        stored = checkpointer.run_config(resume).get("run", {})
+        for line in check_resume(stored, cfg, accept=accept_config_changes, where=f"{cfg.checkpoint_dir} step {resume}"):
+            printer(f"resuming with a changed config: {line}", flush=True)
     model_config = resolve_model_config(cfg, cfg.checkpoint_dir, resume)
     _check_vocab(source, model_config, cfg.data.train)
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
@@ -235,7 +241,7 @@ class Meter:
 
         from lt_jax.train import metrics
 
-        self.run, self.pending = run, []
+        self.run, self.pending, self.written = run, [], []  # written: records of this interval already on disk
         self.devices = jax.device_count()
         self.peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind, run.cfg.logging.peak_flops_per_device)
         self.restart_clock()
@@ -252,13 +258,43 @@ class Meter:
         finally:
             self.excluded += time.perf_counter() - t
 
+    def _fields(self, r: dict) -> dict[str, float]:
+        out = {k: float(r[k]) for k in ("loss", "grad_norm", "lr", "loss_tokens", "tokens")}
+        z = self.run.cfg.train.z_loss
+        if z > 0:  # the term added to the loss; at weight 0 there is none to report
+            out["z_loss"] = z * float(r["z_loss"])
+        return out
+
+    def record(self, extra: dict[str, dict] | None = None) -> None:
+        """Writes every waiting step's record now (before a checkpoint commits, so a kill loses none)."""
+        import jax
+
+        if not self.pending:
+            return
+        fetched = jax.device_get([m for _, m in self.pending])
+        for (s, _), r in zip(self.pending, fetched):
+            self.run.writer.write(s, {**self._fields(r), **(extra or {}).get(s, {})})
+            self.written.append(r)
+        self.pending = []
+
+    def first_step(self, step: int) -> None:
+        """Step 1 of this process compiles: its time is logged as compile time, outside the throughput."""
+        import jax
+
+        jax.block_until_ready(self.pending[-1][1])
+        seconds = time.perf_counter() - self.t0
+        self.record({step: {"compile_time_s": seconds}})
+        self.run.writer.text(f"step {step}: compiled and ran in {seconds:.1f}s (not counted in tokens/s)")
+        self.written = []
+        self.restart_clock()
+
     def flush(self, step: int) -> None:
         import jax
 
         from lt_jax.train import metrics
 
-        records = jax.device_get([m for _, m in self.pending])
-        steps = [s for s, _ in self.pending]
+        fetched = jax.device_get([m for _, m in self.pending])
+        records = self.written + list(fetched)
         elapsed = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         n = len(records)
         tokens = sum(float(r["tokens"]) for r in records)
@@ -268,15 +304,14 @@ class Meter:
             "step_time_s": elapsed / n, "data_wait_s": self.data_wait / n,
             "mfu": (flops / elapsed / (self.devices * self.peak)) if self.peak else None,
             "eta_s": (self.run.total_steps - step) * elapsed / n,
+            **metrics.device_memory(jax.local_devices()),
         }
-        keys = ("loss", "z_loss", "grad_norm", "lr", "loss_tokens", "tokens")
-        for s, r in zip(steps, records):
-            extra = speed if s == step else {}
-            self.run.writer.write(s, {**{k: float(r[k]) for k in keys}, **extra})
+        for (s, _), r in zip(self.pending, fetched):
+            self.run.writer.write(s, {**self._fields(r), **(speed if s == step else {})})
         mean = {k: sum(float(r[k]) for r in records) / n for k in ("loss", "grad_norm")}
         line = metrics.console_line(step, self.run.total_steps, {**mean, "lr": float(records[-1]["lr"]), **speed})
         self.run.writer.text(line)
-        self.pending = []
+        self.pending, self.written = [], []
         self.restart_clock()
 
 
@@ -297,13 +332,11 @@ def loop(run: Run, preemption: "Preemption") -> int:
             step += 1
             meter.pending.append((step, m))
             if step == run.start_step + 1:  # compile time would distort the first interval
-                jax.block_until_ready(m)
-                run.writer.text(f"step {step}: compiled and ran in {time.perf_counter() - meter.t0:.1f}s")
-                meter.flush(step)
+                meter.first_step(step)
             elif step % cfg.logging.every == 0 or step == run.total_steps:
                 meter.flush(step)
             with meter.paused():
-                periodic(run, step)
+                periodic(run, step, meter)
             if preemption.reached(step):
                 return stop_for_preemption(run, meter, step)
         if run.eval_loader is not None and (not cfg.train.eval_every or step % cfg.train.eval_every):
@@ -312,12 +345,14 @@ def loop(run: Run, preemption: "Preemption") -> int:
     return 0
 
 
-def periodic(run: Run, step: int) -> None:
+def periodic(run: Run, step: int, meter: Optional[Meter] = None) -> None:
     """Eval every `train.eval_every` steps; a checkpoint every `checkpoint.every` and at the end."""
     cfg = run.cfg
     if run.eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
         log_eval(run, step)
     if step % cfg.checkpoint.every == 0 or step == run.total_steps:
+        if meter is not None:
+            meter.record()  # every step up to the checkpoint is on disk before it can commit
         save(run)
 
 
@@ -326,6 +361,7 @@ def stop_for_preemption(run: Run, meter: Meter, step: int) -> int:
     if meter.pending:
         meter.flush(step)
     if step % run.cfg.checkpoint.every and step != run.total_steps:
+        meter.record()
         save(run)
     run.checkpointer.wait()
     run.writer.text(f"preempted: saved step {step} to {run.cfg.checkpoint_dir}; exit {PREEMPTED_EXIT_CODE}")
@@ -361,15 +397,20 @@ def describe(run: Run) -> None:
     if jax.process_index() == 0:
         import yaml
 
-        storage.write_text(storage.join(cfg.train.output_dir, "config.yaml"),
-                           yaml.safe_dump({**to_dict(cfg), "model": to_dict(mc)}, sort_keys=False))
+        text = yaml.safe_dump({**to_dict(cfg), "model": to_dict(mc)}, sort_keys=False)
+        storage.write_text(storage.join(cfg.train.output_dir, "config.yaml"), text)
+        # Each start and resume keeps its own copy, so a run's config history is never overwritten.
+        storage.write_text(storage.join(cfg.train.output_dir, "config_history", f"step-{run.start_step:08d}.yaml"), text)
 
 
-def train(cfg: RunConfig, printer=print) -> int:
-    """Runs (or resumes) the training described by `cfg`; returns the exit status (0 or 42)."""
+def train(cfg: RunConfig, printer=print, accept_config_changes: bool = False) -> int:
+    """Runs (or resumes) the training described by `cfg`; returns the exit status (0 or 42).
+
+    Resuming with a config that differs from the checkpoint's is refused (lt_jax.train.resume_check)
+    unless `accept_config_changes`."""
     preemption = Preemption()  # before setup: restoring and compiling can take minutes on a pod
     try:
-        run = setup(cfg, printer)
+        run = setup(cfg, printer, accept_config_changes)
     except BaseException:
         preemption.close()
         raise
@@ -377,12 +418,16 @@ def train(cfg: RunConfig, printer=print) -> int:
         describe(run)
         return loop(run, preemption)
     finally:
-        preemption.close()
-        run.loader.close()
-        if run.eval_loader is not None:
-            run.eval_loader.close()
-        run.checkpointer.close()
-        run.writer.close()
+        # The SIGTERM handler stays until the end: a signal during teardown, after the last save, must
+        # not kill a run that has finished (the flag it sets is no longer read).
+        try:
+            run.loader.close()
+            if run.eval_loader is not None:
+                run.eval_loader.close()
+            run.checkpointer.close()
+            run.writer.close()
+        finally:
+            preemption.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +440,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--coordinator", default=None, help="multi-host: coordinator HOST:PORT (process 0's)")
     parser.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    parser.add_argument("--accept-config-changes", action="store_true",
+                        help="resume even though the config differs from the checkpoint's (the changes are printed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -403,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     _quiet_libraries()
     cfg = load_run_config(args.config, args.overrides)
-    return train(cfg)
+    return train(cfg, accept_config_changes=getattr(args, "accept_config_changes", False))
 
 
 def _quiet_libraries() -> None:
@@ -411,7 +458,7 @@ def _quiet_libraries() -> None:
 
     level = logging.INFO if jax.process_index() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax", "grain", "etils"):
+    for noisy in ("absl", "orbax", "jax", "grain", "etils", "fsspec", "gcsfs"):  # fsspec.caching: a line per read
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         from absl import logging as absl_logging

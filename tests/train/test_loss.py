@@ -115,4 +115,27 @@ def test_z_loss_and_normalisation_by_target_count():
     nll, w = per_token_losses(model, batch)
     assert float(sums["loss_tokens"]) == w.sum() == 6 + 9
     np.testing.assert_allclose(float(sums["nll"]), nll.sum(), rtol=1e-5)
-    assert float(sums["z"]) > 0
+
+    # z is sum over targets of log(Z)^2, Z the softmax normaliser of the logits (PaLM's z-loss) ...
+    logits = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, batch["input_ids"], batch["positions"], batch["segment_ids"]), np.float64)
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    np.testing.assert_allclose(float(sums["z"]), (w * log_z**2).sum(), rtol=1e-4)
+
+    # ... and the gradient is that of (NLL + c * z) / target count, computed here from the logits alone.
+    c = 0.05
+    targets, weights = loss_lib.shift_targets(batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
+
+    def reference(p):
+        out = nnx.merge(graphdef, p)(batch["input_ids"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
+        lse = jax.nn.logsumexp(out, axis=-1)
+        picked = jnp.take_along_axis(out, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(weights * ((lse - picked) + c * lse**2)) / jnp.sum(weights)
+
+    def grads(z_loss):
+        return jax.jit(lambda p, b: st.loss_and_grads(p, b, graphdef=graphdef, options=st.StepOptions(z_loss=z_loss))[0])(params, batch)
+
+    want, got, without = jax.grad(reference)(params), grads(c), grads(0.0)
+    for a, b, n in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(without)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+    moved = sum(float(jnp.abs(a - n).sum()) for a, n in zip(jax.tree.leaves(got), jax.tree.leaves(without)))
+    assert moved > 1e-3  # the z term changes the update

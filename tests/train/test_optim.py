@@ -27,6 +27,13 @@ def test_cosine_with_fractional_warmup_to_zero_is_the_deepdistill_schedule():
     assert np.all(np.diff(lr[10:]) <= 1e-12)
 
 
+def test_a_positive_warmup_fraction_warms_up_at_least_one_step():
+    cfg = OptimConfig(lr=1.0, schedule="constant", warmup_fraction=0.05)
+    assert optim.warmup_steps(cfg, 10) == 1  # 0.05 x 10 rounds to 0
+    assert lrs(cfg, 10)[:2].tolist() == [0.0, 1.0]
+    assert optim.warmup_steps(OptimConfig(lr=1.0, warmup_fraction=0.0), 10) == 0
+
+
 def test_floor_linear_constant_and_warmup_in_steps():
     floor = lrs(OptimConfig(lr=1.0, schedule="cosine", warmup_steps=4, min_lr_ratio=0.1), 20)
     assert floor[4] == pytest.approx(1.0) and floor[20] == pytest.approx(0.1)

@@ -46,6 +46,9 @@ def test_tiny_model_learns_the_synthetic_task(tiny_run, helpers):
         assert train[8][key] >= 0, key
     assert train[8]["tokens"] > 0 and train[8]["lr"] > 0 and train[8]["grad_norm"] > 0
     assert any(line.startswith(f"step 8/{STEPS} | loss") and "tok/s" in line and "ETA" in line for line in lines)
+    # step 1 compiles: its time is logged on its own, not as step 1's throughput
+    assert train[1]["compile_time_s"] > 0 and "tokens_per_s" not in train[1]
+    assert "z_loss" not in train[8]  # train.z_loss is 0: there is no z term to report
     assert any("eval loss" in line for line in lines)
 
 
@@ -173,3 +176,34 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_refused(tiny_data, helpers
     raw = helpers.run_config(str(tmp_path / "out"), tiny_data.train, train={"global_batch": 12, "grad_accum": 2})
     with pytest.raises(ValueError, match=r"6 rows per micro-batch cannot be split over the 8 batch shards"):
         trainer.train(from_dict(RunConfig, raw), printer=lambda *a, **k: None)
+
+
+def test_device_memory_where_the_platform_reports_it():
+    from lt_jax.train import metrics
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    gib = 2**30
+    two = [Device({"bytes_in_use": 3 * gib, "peak_bytes_in_use": 5 * gib}), Device({"bytes_in_use": 4 * gib, "peak_bytes_in_use": 4 * gib})]
+    assert metrics.device_memory(two) == {"memory_in_use_gb": 4.0, "memory_peak_gb": 5.0}
+    assert metrics.device_memory([Device(None)]) == {}  # CPU devices report nothing
+    line = metrics.console_line(3, 10, {"loss": 1.0, "memory_in_use_gb": 4.0, "memory_peak_gb": 5.0})
+    assert "mem 4.0 (peak 5.0) GiB" in line
+
+
+def test_gcs_reads_do_not_flood_the_console():
+    import logging
+
+    saved = {name: logging.getLogger(name).level for name in ("fsspec", "fsspec.caching", "gcsfs")}
+    try:
+        trainer._quiet_libraries()
+        assert not logging.getLogger("fsspec.caching").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("gcsfs").isEnabledFor(logging.INFO)
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
