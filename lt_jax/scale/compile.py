@@ -12,7 +12,9 @@ arguments, outputs, temporaries and code; they are set against the chip's HBM, w
 left. `cost_analysis()` gives the compiled FLOPs where XLA reports them. `--sampler` compiles the
 sampler's prefill and decode the same way.
 
-Exit status: 0 fits with at least `--min-headroom`, 3 does not, 1 on errors.
+Exit status: 0 fits with at least `--min-headroom`, 3 does not, 1 on errors. A compiler that runs
+out of HBM (RESOURCE_EXHAUSTED) is the clearest "does not fit": exit 3, with the bytes it needed
+against the chip's, per device, and what to change.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -223,6 +226,10 @@ def format_report(report: dict) -> str:
     ]
     for name, part in report["compiled"].items():
         mem, cost = part["memory"], part["cost"]
+        if "compiler" in part:  # the compiler ran out of HBM: no memory analysis, only its numbers
+            lines.append(f"{name:<7} {part['shape']}: per device needs {_gib(mem['peak'])} GiB, "
+                         f"{_gib(mem['capacity'])} GiB available; compiler: {part['compiler']}")
+            continue
         head = "-" if mem["headroom"] is None else f"{100 * mem['headroom']:.1f}%"
         lines.append(
             f"{name:<7} {part['shape']}: per device {_gib(mem['peak'])} / {_gib(mem['capacity'])} GiB "
@@ -269,9 +276,12 @@ def check(cfg, target, *, sampler: Optional[SampleShape] = None, train: bool = T
     if train:
         check_divisible(cfg, mesh)
         printer(f"compiling the train step for {target.name} ({len(devices)} x {kind}), mesh {dict(mesh.shape)} ...")
-        compiled, times = compile_train_step(cfg, model_config, mesh)
         shape = f"batch {cfg.train.global_batch} x {cfg.data.seq_len} (accum {cfg.train.grad_accum})"
-        report["compiled"]["train"] = _part(compiled, times, capacity, shape)
+        try:
+            compiled, times = compile_train_step(cfg, model_config, mesh)
+            report["compiled"]["train"] = _part(compiled, times, capacity, shape)
+        except Exception as e:  # noqa: BLE001 - XLA raises its runtime error type; only OOM is an answer
+            report["compiled"]["train"] = out_of_memory_part(e, capacity, shape)
         flops = model_flops(model_config, cfg.train.global_batch, cfg.data.seq_len)
         peak = metrics.peak_flops_per_device(kind)
         report["model_tflops_per_step"] = flops / 1e12
@@ -310,6 +320,32 @@ def _part(compiled, times, capacity, shape: str) -> dict:
     return {"shape": shape, "memory": memory_report(compiled, capacity), "cost": cost_report(compiled), "times": times}
 
 
+_SIZE = r"([\d.]+)\s*([KMGT])i?B?"
+# XLA's wordings: "... HLO temporaries (236.60G) exceeds available HBM (95.74G)" and "Used 120.5G of 95.74G hbm".
+_OOM_PATTERNS = (re.compile(r"\(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE + r"\)"),
+                 re.compile(r"Used " + _SIZE + r" of " + _SIZE))
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory_part(error: BaseException, capacity: Optional[int], shape: str) -> dict:
+    """The report part of a compile the compiler refused for lack of HBM; other errors are re-raised."""
+    message = str(error)
+    if "RESOURCE_EXHAUSTED" not in message:
+        raise error
+    needed = available = None
+    for pattern in _OOM_PATTERNS:
+        m = pattern.search(message)
+        if m:
+            needed = float(m.group(1)) * _UNITS[m.group(2)]
+            available = float(m.group(3)) * _UNITS[m.group(4)]
+            break
+    available = available or capacity
+    memory = {"peak": needed, "capacity": available,
+              "headroom": 1.0 - needed / available if needed and available else -1.0}
+    first = next((line.strip() for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message[:300])
+    return {"shape": shape, "memory": memory, "cost": {"flops": None}, "times": None, "compiler": first}
+
+
 def _verdict(report: dict, min_headroom: float) -> tuple[str, bool]:
     worst = min(((name, p["memory"]["headroom"]) for name, p in report["compiled"].items()
                  if p["memory"]["headroom"] is not None), key=lambda x: x[1], default=None)
@@ -321,8 +357,12 @@ def _verdict(report: dict, min_headroom: float) -> tuple[str, bool]:
     if head >= 0:
         return (f"verdict: TIGHT ({name} leaves {100 * head:.1f}% < {100 * min_headroom:.1f}%): raise remat, "
                 "fsdp or grad_accum, or lower the batch"), False
-    return (f"verdict: DOES NOT FIT ({name} needs {100 * -head:.1f}% more than the chip has): raise remat, "
-            "fsdp/tensor/context or grad_accum, or lower the batch"), False
+    mem = report["compiled"][name]["memory"]
+    need = (f"{_gib(mem['peak'])} GiB needed per device, {_gib(mem['capacity'])} GiB available"
+            if mem.get("peak") else f"needs {100 * -head:.1f}% more than the chip has")
+    return (f"verdict: DOES NOT FIT ({name}: {need}). Change one of: more chips (a larger --topology, with "
+            "mesh.fsdp / mesh.tensor over them), model.remat=full, a smaller micro-batch (train.grad_accum up or "
+            "train.global_batch down), or context parallelism (mesh.context) for long sequences"), False
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

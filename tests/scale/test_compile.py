@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,36 @@ def test_train_step_compiles_for_v5p_with_context_parallelism(small_yaml, tmp_pa
     assert mem["alias"] > 0  # the donated state is updated in place
     assert train["cost"]["flops"] > 0 and train["times"]["compile_s"] > 0
     assert report["model_tflops_per_step"] > 0
+
+
+@needs_libtpu
+def test_a_recipe_that_does_not_fit_exits_3_with_needed_and_available(small_yaml, tmp_path):
+    """A 48-layer, hidden-8192 model on 4 chips: the compiler runs out of HBM, which is the check's answer."""
+    out = tmp_path / "report.json"
+    proc = _compile_cli("--config", small_yaml, "--topology", "v5p:2x2x1", "train.global_batch=8", "model.hidden_size=8192",
+                        "model.intermediate_size=32768", "model.num_layers=48", "model.num_heads=64",
+                        "model.num_kv_heads=8", "--out", str(out))
+    assert proc.returncode == aot.NOT_FIT_EXIT_CODE, proc.stdout + proc.stderr
+    assert re.search(r"needs [\d.]+ GiB, 95\.74 GiB available", proc.stdout), proc.stdout
+    verdict = next(line for line in proc.stdout.splitlines() if line.startswith("verdict:"))
+    assert verdict.startswith("verdict: DOES NOT FIT") and "GiB needed per device" in verdict
+    for change in ("more chips", "remat", "grad_accum", "mesh.context"):
+        assert change in verdict
+    mem = json.loads(out.read_text())["compiled"]["train"]["memory"]
+    assert mem["peak"] > mem["capacity"] and json.loads(out.read_text())["fits"] is False
+
+
+def test_out_of_memory_messages_are_read_and_other_errors_kept():
+    wordings = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                "(236.60G) exceeds available HBM (95.74G).",
+                "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+                "Used 236.60G of 95.74G hbm. Exceeded hbm capacity by 140.86G.")
+    for message in wordings:
+        part = aot.out_of_memory_part(RuntimeError(message), 95 * 2**30, "batch 8")
+        assert part["memory"]["peak"] == pytest.approx(236.60 * 2**30) and part["memory"]["capacity"] == pytest.approx(95.74 * 2**30)
+        assert part["memory"]["headroom"] < 0 and "RESOURCE_EXHAUSTED" in part["compiler"]
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        aot.out_of_memory_part(RuntimeError("INVALID_ARGUMENT: bad"), 95 * 2**30, "batch 8")
 
 
 @pytest.mark.slow
