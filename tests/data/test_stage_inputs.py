@@ -171,3 +171,15 @@ def test_malformed_200_from_the_teacher_is_retried(tmp_path):
         summary = asyncio.run(distill.distill_async(cfg))
         assert teacher.injected["malformed"] == 4
     assert summary["failed"] == 0 and summary["retries"] == 4
+
+
+def test_an_answer_in_a_second_thinking_block_is_still_thinking(tmp_path, capsys):
+    """Everything up to the last </think> is thinking: a boxed answer there is not graded as the answer."""
+    rows = graded_rows(2)
+    rows[0]["response"] = "<think>a</think><think>\\boxed{0}</think>"
+    rows[1]["response"] = "<think>a</think><think>b</think>The answer is \\boxed{2}."
+    path = tmp_path / "responses.jsonl"
+    path.write_bytes(lines(rows))
+    assert run_cli("grade", "--in", path, "--out", tmp_path / "g.jsonl", "--no-progress") == 0
+    graded = {r["problem_id"]: r for r in map(json.loads, (tmp_path / "g.jsonl").read_text().splitlines())}
+    assert graded["p0"]["verdict"] is False and graded["p1"]["verdict"] is True

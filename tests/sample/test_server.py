@@ -211,8 +211,10 @@ class _Recording:
     def __init__(self):
         self.batches: list[list[GenRequest]] = []
         self.gate = threading.Event()
+        self.arrived = 0  # requests the server has taken in (validate runs just before it queues them)
 
     def validate(self, request):
+        self.arrived += 1
         if len(request.prompt) > 20:
             raise ValueError("prompt too long for this model's context")
 
@@ -238,7 +240,12 @@ def test_batches_respect_the_cap_and_failures_stay_local():
         threads = [threading.Thread(target=call, args=(i, 1 + i % 3)) for i in range(10)]
         for t in threads:
             t.start()
-        time.sleep(0.3)  # the first batch is held at the gate while the rest queue behind it
+        # The first batch is held at the gate until every request has queued behind it (polled, not slept:
+        # a busy runner may take any time to get there).
+        deadline = time.monotonic() + 30
+        while rec.arrived < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rec.arrived == 10
         rec.gate.set()
         for t in threads:
             t.join(30)
