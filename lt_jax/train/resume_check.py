@@ -4,7 +4,8 @@ A resumed run that silently takes a new learning rate, length or weight decay is
 experiment under the old name, so changes are refused, each changed key named, unless the user
 passes `--accept-config-changes`. Keys that only say how the run executes (logging, how many
 checkpoints to keep, the mesh, accumulation, loader threads, remat) may change freely: they do not
-change what is computed, or not beyond float rounding. `data.seq_len` and `train.global_batch` are
+change what is computed, or not beyond float rounding. So may the folders' paths (a run or its data
+copied elsewhere): the loader's own fingerprint refuses data whose content changed. `data.seq_len` and `train.global_batch` are
 refused even with the flag: the data stream's cursor cannot be carried over to another row shape.
 """
 
@@ -20,6 +21,7 @@ FREE = (
     "logging.", "mesh.", "checkpoint.keep", "checkpoint.keep_every", "checkpoint.async_save", "checkpoint.every",
     "data.worker_count", "data.read_threads", "data.prefetch", "data.eval_batches", "train.grad_accum",
     "train.lm_head_chunk", "train.eval_every", "model.remat", "model.attention", "model.compute_dtype",
+    "train.output_dir", "checkpoint.dir", "data.train", "data.eval",
 )
 
 

@@ -4,6 +4,7 @@ SIGTERM that lands after the last save (exit 0)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,20 @@ def test_kills_config_changes_and_teardown(helpers, random_data, tmp_path):
     assert history == ["step-00000000.yaml", "step-00000003.yaml", "step-00000006.yaml"]
     steps = [yaml.safe_load(open(os.path.join(out, "config_history", h)))["train"]["steps"] for h in history]
     assert steps == [6, 6, 8]
+
+
+def test_which_changes_are_refused():
+    from lt_jax.config import ConfigError, from_dict, to_dict
+    from lt_jax.train.config import RunConfig
+    from lt_jax.train.resume_check import check_resume
+
+    base = {"data": {"train": "/a/tok", "seq_len": 128}, "train": {"output_dir": "/a/out", "steps": 6}}
+    stored = json.loads(json.dumps(to_dict(from_dict(RunConfig, base))))
+    moved = from_dict(RunConfig, {"data": {"train": "/b/tok", "seq_len": 128},
+                                  "train": {"output_dir": "/b/out", "steps": 6, "grad_accum": 2},
+                                  "logging": {"every": 7}, "mesh": {"fsdp": 2}})
+    assert check_resume(stored, moved, accept=False, where="ckpt") == []  # paths and execution only
+    longer = from_dict(RunConfig, {**base, "train": {**base["train"], "steps": 9}, "optim": {"lr": 1e-3}})
+    with pytest.raises(ConfigError, match=r"optim.lr: 8e-05 -> 0.001; train.steps: 6 -> 9"):
+        check_resume(stored, longer, accept=False, where="ckpt")
+    assert check_resume(stored, longer, accept=True, where="ckpt") == ["optim.lr: 8e-05 -> 0.001", "train.steps: 6 -> 9"]
