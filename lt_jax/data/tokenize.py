@@ -19,7 +19,7 @@ turns, role headers, the generation prompt and separators after the end-of-turn 
   Character spans become token masks through the tokenizer's offsets: a token is trained on when
   it starts inside a span.
 
-Sharding is by input line: shard i holds what survives of input lines
+Sharding is by input row: shard i holds what survives of input rows
 [i * records_per_shard, (i + 1) * records_per_shard) counted across the inputs in order, so its
 content does not depend on the worker count, and a rerun can skip finished shards without
 re-tokenizing anything before them. Each shard is written by one worker process and committed by

@@ -208,3 +208,14 @@ def test_gcs_reads_do_not_flood_the_console():
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+def test_z_loss_is_logged_as_the_term_added_to_the_loss():
+    import types
+
+    record = {"loss": 2.0, "grad_norm": 1.0, "lr": 1e-3, "loss_tokens": 10.0, "tokens": 12.0, "z_loss": 55.0}
+    meter = object.__new__(trainer.Meter)  # only the record formatting, no devices
+    for weight, want in ((0.0, None), (1e-4, 55.0 * 1e-4)):
+        meter.run = types.SimpleNamespace(cfg=types.SimpleNamespace(train=types.SimpleNamespace(z_loss=weight)))
+        fields = meter._fields(record)
+        assert fields.get("z_loss") == (pytest.approx(want) if want else None) and fields["loss"] == 2.0
