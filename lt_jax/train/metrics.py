@@ -64,6 +64,13 @@ def peak_flops_per_device(device_kind: str, override: Optional[float] = None) ->
     return None
 
 
+def peak_memory_gib(device) -> Optional[float]:
+    """The device allocator's peak bytes in use, in GiB (None where the backend keeps no stats, e.g. CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    peak = (stats or {}).get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
