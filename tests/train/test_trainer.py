@@ -173,3 +173,20 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_refused(tiny_data, helpers
     raw = helpers.run_config(str(tmp_path / "out"), tiny_data.train, train={"global_batch": 12, "grad_accum": 2})
     with pytest.raises(ValueError, match=r"6 rows per micro-batch cannot be split over the 8 batch shards"):
         trainer.train(from_dict(RunConfig, raw), printer=lambda *a, **k: None)
+
+
+def test_the_loader_packs_to_the_models_segment_ceiling(tiny_data, helpers, tmp_path):
+    """model.max_segments reaches the loader: no row holds more segments (documents + padding)."""
+    import jax
+
+    from lt_jax.data import packing
+
+    raw = helpers.run_config(str(tmp_path / "out"), tiny_data.train, model={"max_segments": 3})
+    run = trainer.setup(from_dict(RunConfig, raw), printer=lambda *a, **k: None)
+    try:
+        assert run.model_config.max_segments == 3 and run.loader.options.max_segments == 3
+        seg = np.asarray(jax.device_get(next(run.loader)["segment_ids"]))
+        assert packing.count_runs(seg).max() <= 3 and run.loader.stats(0)["rows_capped_at_max_segments"] > 0
+    finally:
+        run.loader.close()
+        run.checkpointer.close()
