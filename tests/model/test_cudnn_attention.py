@@ -10,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_gpu import H100, use_hopper, use_platform
 from jax._src.cudnn import fused_attention_stablehlo as fa
 
 from lt_jax.model import attention as attn
 from lt_jax.model import transformer as tfm
 from lt_jax.model.config import ModelConfig
-
-H100 = attn.Platform("gpu", "NVIDIA H100 80GB HBM3", (9, 0), 90800)
 
 
 def _segments(batch: int, seq: int) -> np.ndarray:
@@ -106,11 +105,7 @@ def test_fixed_jax_skips_the_repeat(monkeypatch):
 
 @pytest.fixture
 def fake_platform(monkeypatch):
-    def use(info: attn.Platform):
-        monkeypatch.setattr(attn, "platform", lambda: info)
-        attn._warn_fallback.cache_clear()
-
-    yield use
+    yield lambda info: use_platform(monkeypatch, info)
     attn._warn_fallback.cache_clear()
 
 
@@ -151,12 +146,11 @@ def test_supported_gpu_takes_cudnn(fake_platform):
 
 
 @pytest.fixture
-def fake_hopper(monkeypatch, fake_platform):
+def fake_hopper(monkeypatch):
     """JAX's cuDNN checks and ours see an H100 with cuDNN 9.8: tracing and CUDA lowering work on CPU."""
-    fake_platform(H100)
-    monkeypatch.setattr(fa, "check_cudnn_version", lambda: H100.cudnn_version)
-    monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(fa, "is_cuda_compute_capability_equal", lambda capability: False)
+    use_hopper(monkeypatch)
+    yield
+    attn._warn_fallback.cache_clear()
 
 
 def _loss_fn(remat: str, max_segments: int = 4):

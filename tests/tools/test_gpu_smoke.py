@@ -45,3 +45,27 @@ def test_a_crashing_case_is_reported_not_fatal(tmp_path, monkeypatch):
     result = gpu_smoke.spawn("parity", args)
     assert result["status"] == "CRASH" and "ILLEGAL_ADDRESS" in result["detail"] and "exit 134" in result["detail"]
     assert gpu_smoke.verdict([result], "cpu").startswith("VERDICT: FAIL on cpu: parity")
+
+
+def test_cudnn_halves_lower_for_cuda_on_a_faked_hopper(monkeypatch):
+    """The functions the smoke runs only on a GPU (packed cuDNN in parity/isolation/overflow/layer,
+    the unpacked cuDNN baseline) trace and lower for CUDA, forward and backward, on CPU."""
+    import jax
+    import jax.numpy as jnp
+    from fake_gpu import use_hopper
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import gpu_smoke
+
+    use_hopper(monkeypatch)
+    assert gpu_smoke.cudnn_reason() is None
+    q, k, v, ct, seg, pos = gpu_smoke.batch_inputs(gpu_smoke.QUICK, 28, 4, 128)
+    packed = gpu_smoke.attend("cudnn", jnp.bfloat16, seg, pos, True, max_segments=4)
+    bf16 = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+    for f, args in ((packed, (q, k, v)), (gpu_smoke.cudnn_unpacked, bf16)):
+        def run(q, k, v, f=f):
+            out, vjp = jax.vjp(f, q, k, v)
+            return out, vjp(ct)
+
+        text = jax.jit(run).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "__cudnn$fmhaSoftmax" in text and "__cudnn$fmhaSoftmaxBackward" in text
