@@ -245,7 +245,7 @@ def case_overflow(sizes, args):
         loader_ok, msg = False, "no error raised"
     except ValueError as e:
         loader_ok, msg = "max_segments is" in str(e), str(e)
-    detail = f"loader check: {msg.split(': ', 1)[-1][:110]}"
+    detail = f"loader check: {msg.split(': ', 1)[-1].split(';')[0]}"
     if cudnn_reason() is not None:
         return {"status": "PASS" if loader_ok else "FAIL", "detail": detail + "; cuDNN row guard not run (no cuDNN)"}
     out = np.asarray(attend("cudnn", jnp.bfloat16, seg, pos, True, max_segments=limit)(q, k, v))
