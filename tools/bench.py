@@ -279,6 +279,10 @@ def main(argv=None) -> int:
         on_mesh = name == "jax"
         medians[name] = report(name, first, times, tokens, flops, peak if on_mesh else None, devices if on_mesh else 1)
         print(f"        loss {runs[name]():.4f}" + ("" if on_mesh else f" (torch threads {torch.get_num_threads()})"))
+    from lt_jax.train.metrics import peak_memory_gib
+
+    peak_gib = peak_memory_gib(jax.devices()[0])
+    print("peak memory: " + ("n/a (no allocator stats on this backend)" if peak_gib is None else f"{peak_gib:.2f} GiB on device 0"))
     if "torch" in medians:
         print(f"ratio: torch step / jax step = {medians['torch'] / medians['jax']:.2f}x (>1 means lt_jax is faster; "
               f"medians of {args.steps} interleaved steps); fastest steps: {mins['torch'] / mins['jax']:.2f}x")

@@ -105,7 +105,8 @@ def bench_trainer(cfg, steps: int, warmup: int, peak) -> dict:
     devices = jax.device_count()
     peak = peak or metrics.peak_flops_per_device(jax.devices()[0].device_kind)
     return {"tokens_per_s": tokens / elapsed, "per_device": tokens / elapsed / devices, "step_s": elapsed / steps,
-            "mfu": flops / elapsed / (devices * peak) if peak else None, "params": run.model_config.num_params()}
+            "mfu": flops / elapsed / (devices * peak) if peak else None, "params": run.model_config.num_params(),
+            "peak_gib": metrics.peak_memory_gib(jax.devices()[0])}
 
 
 def bench_loader(path: str, cfg, batches: int, workers: int) -> float:
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
         print(f"peak used for MFU: {peak / 1e12:.3f} TFLOP/s per device ({'measured matmul' if args.peak_tflops == 'auto' else 'given'})")
     mfu = "n/a (no peak for this device; pass --peak-tflops)" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
     print(f"trainer : {t['tokens_per_s']:,.0f} tokens/s ({t['per_device']:,.0f}/device), {t['step_s']:.3f} s/step, MFU {mfu}")
+    print("peak memory: " + ("n/a (no allocator stats on this backend)" if t["peak_gib"] is None
+                             else f"{t['peak_gib']:.2f} GiB on device 0"))
     print(f"loader  : {loader0:,.0f} tokens/s (0 workers), {loaderw:,.0f} tokens/s ({args.workers} workers)")
     print(f"loader / trainer: {loader0 / t['tokens_per_s']:.1f}x (0 workers), {loaderw / t['tokens_per_s']:.1f}x ({args.workers} workers)")
     return 0

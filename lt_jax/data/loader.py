@@ -52,6 +52,7 @@ class LoaderOptions:
     worker_count: int = 0
     read_threads: int = 4
     prefetch: int = 2
+    max_segments: Optional[int] = None  # the model's cuDNN segment ceiling: rows hold at most this - 1 documents
 
     @classmethod
     def from_data_config(cls, data, global_batch: int, **kw) -> "LoaderOptions":
@@ -73,6 +74,7 @@ def epoch_plan(lengths: np.ndarray, options: LoaderOptions, epoch: int) -> tuple
     plan = packing.plan_packing(
         lengths, order, options.seq_len, window=options.pack_window, method=options.packing,
         overlength=options.overlength,
+        max_docs=None if options.max_segments is None else options.max_segments - 1,  # one run for padding
     )
     rows = np.arange(plan.num_rows)
     if options.shuffle:
@@ -110,7 +112,11 @@ class _BatchReader:
         flat = [int(i) for ids in row_ids for i in ids]
         records = iter(self.source.read_batch(flat)) if flat else iter(())
         examples = [[next(records) for _ in ids] for ids in row_ids]
-        return packing.pack_rows(examples, self.options.seq_len, self.options.pad_id)
+        batch = packing.pack_rows(examples, self.options.seq_len, self.options.pad_id)
+        if self.options.max_segments is not None:  # once per batch, here, not in every attention layer
+            where = f"{getattr(self.source, 'path', 'data')}: batch {self.start + int(b)}"
+            packing.check_segment_count(batch["segment_ids"], self.options.max_segments, where)
+        return batch
 
 
 class Loader:
@@ -143,6 +149,7 @@ class Loader:
             "lengths_sha256": hashlib.sha256(self.lengths.tobytes()).hexdigest()[:16],
             "seq_len": o.seq_len, "global_batch": o.global_batch, "seed": o.seed, "shuffle": o.shuffle,
             "packing": o.packing, "pack_window": o.pack_window, "overlength": o.overlength,
+            "max_segments": o.max_segments,
         }
 
     def get_state(self) -> dict[str, Any]:
@@ -175,8 +182,9 @@ class Loader:
             self._plans = {epoch: (plan, remainder)}  # one epoch at a time: plans can be large
             log.info(
                 "epoch %d: %d examples -> %d rows of %d (fill %.3f); dropped %d over-length, truncated %d, "
-                "skipped %d empty, %d rows past the last full batch", epoch, plan.num_examples, plan.num_rows,
-                plan.seq_len, plan.fill, plan.dropped, plan.truncated, plan.empty, remainder,
+                "skipped %d empty, %d rows past the last full batch, %d rows closed at max_segments",
+                epoch, plan.num_examples, plan.num_rows, plan.seq_len, plan.fill, plan.dropped, plan.truncated,
+                plan.empty, remainder, plan.capped_rows,
             )
         return self._plans[epoch][0]
 
@@ -190,7 +198,7 @@ class Loader:
             "examples": plan.num_examples, "rows": plan.num_rows, "batches": self.batches_in_epoch(epoch),
             "fill": plan.fill, "dropped_overlength": plan.dropped, "truncated": plan.truncated,
             "skipped_empty": plan.empty, "rows_past_last_batch": self._plans[epoch][1],
-            "packed_tokens": plan.packed_tokens,
+            "packed_tokens": plan.packed_tokens, "rows_capped_at_max_segments": plan.capped_rows,
         }
 
     # -- iteration ---------------------------------------------------------------------------

@@ -13,11 +13,17 @@ Implementations:
           or a dense [B,1,S,S] mask (4 GiB per row at 32k in bf16, which defeats a flash kernel),
           so we call `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`, the function
           the public API wraps, with offsets. Segments must be contiguous runs (what packing makes)
-          and at most `max_segments` runs per row (checked at run time).
+          and at most `max_segments` runs per row, padding included (the loader checks every batch;
+          a row over the ceiling comes out NaN rather than attending across documents). Needs a
+          Hopper-or-newer GPU and cuDNN >= 9.6 (`cudnn_unsupported_reason`). Under GQA, JAX <= 0.10.2
+          scales the k/v offsets by the query's head count (fixed upstream in jax-ml/jax#39521, in
+          no release yet), so k/v are repeated to the query heads while the installed JAX has that
+          bug (`_kv_offsets_use_query_heads` asks JAX's own offset conversion).
   splash  TPU splash attention (Pallas/Mosaic) with SegmentIds, wrapped in `jax.shard_map` over the
           active mesh (Mosaic kernels cannot be partitioned automatically): batch is split over
           (data, fsdp), heads over tensor, each device runs the kernel on its block.
-  auto    splash on TPU, cudnn on GPU (when their shape/dtype constraints hold), xla elsewhere.
+  auto    splash on TPU, cudnn on GPU (when their shape/dtype/platform constraints hold), xla
+          elsewhere; a GPU that cannot run cudnn falls back to xla with a one-line warning.
 When the active mesh has a `context` axis above 1 (sequence sharded for long rows), self-attention
 goes to lt_jax/model/context_parallel.py instead: all-gathered k/v into splash on TPU, the ring
 (ppermute k/v blocks, online softmax) elsewhere; `impl` picks the kernel there the same way.
@@ -27,7 +33,9 @@ segment, so that matches the position rule of the xla path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 from typing import Literal, Optional
 
 import jax
@@ -36,27 +44,103 @@ import numpy as np
 
 from lt_jax.model import sharding as shd
 
+log = logging.getLogger(__name__)
+
 Impl = Literal["auto", "xla", "cudnn", "splash"]
+
+# JAX's packed (offsets) cuDNN layout: Hopper or newer (JAX refuses older GPUs) and cuDNN 9.6+ (what
+# JAX's own packed-layout test requires); compute capability 10.3 needs cuDNN 9.11+ (JAX's check).
+CUDNN_PACKED_MIN_CC = (9, 0)
+CUDNN_PACKED_MIN_VERSION = 90600
+DEFAULT_MAX_SEGMENTS = 64  # see ModelConfig.max_segments
 
 # Finite, so fully masked rows give a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """What the attention choice depends on: the default backend and, on a GPU, its properties."""
+
+    backend: str
+    device_kind: str = ""
+    compute_capability: Optional[tuple[int, int]] = None  # CUDA GPUs only
+    cudnn_version: Optional[int] = None  # e.g. 90600 for 9.6.0; None when cuDNN is not found
+
+
+@functools.lru_cache(maxsize=1)
+def platform() -> Platform:
+    """The default backend's Platform (cached: it cannot change within a process)."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return Platform(backend)
+    device = jax.devices()[0]
+    cc = getattr(device, "compute_capability", None)  # "9.0" on CUDA; absent on ROCm
+    try:
+        from jax._src.lib import cuda_versions
+
+        cudnn = int(cuda_versions.cudnn_get_version()) if cuda_versions is not None else None
+    except Exception:  # no CUDA plugin: no cuDNN
+        cudnn = None
+    return Platform(
+        backend, device.device_kind, tuple(int(x) for x in str(cc).split(".")[:2]) if cc else None, cudnn
+    )
+
+
+def cudnn_unsupported_reason(info: Platform, dtype=jnp.bfloat16, head_dim: int = 128) -> Optional[str]:
+    """Why JAX's packed cuDNN attention cannot run here (None when it can), by the rule in the
+    module doc: an NVIDIA GPU of compute capability >= 9.0, cuDNN >= 9.6 (9.11 on cc 10.3),
+    bf16/fp16 inputs, head_dim a multiple of 8 up to 256."""
+    if info.backend != "gpu" or info.compute_capability is None:
+        return f"cuDNN flash attention needs an NVIDIA GPU (backend is {info.backend})"
+    where = f"{info.device_kind or 'this GPU'} (compute capability {'.'.join(map(str, info.compute_capability))})"
+    if info.compute_capability < CUDNN_PACKED_MIN_CC:
+        return f"{where}: JAX's packed cuDNN layout needs Hopper (9.0) or newer"
+    if info.cudnn_version is None:
+        return f"{where}: cuDNN was not found"
+    need = 91100 if info.compute_capability == (10, 3) else CUDNN_PACKED_MIN_VERSION
+    if info.cudnn_version < need:
+        return f"{where}: cuDNN {_version(info.cudnn_version)} found, packed attention needs >= {_version(need)}"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN flash attention takes bf16/fp16, got {jnp.dtype(dtype).name}"
+    if head_dim % 8 or head_dim > 256:
+        return f"cuDNN flash attention needs head_dim a multiple of 8 up to 256, got {head_dim}"
+    return None
+
+
+def _version(v: int) -> str:
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    log.warning("attention=auto: using the XLA path (dense [S, S] logits per head), not cuDNN: %s", reason)
+
+
 def resolve_impl(impl: Impl, q_len: int, kv_len: int, dtype=jnp.bfloat16, head_dim: int = 128) -> str:
     """The implementation `impl` means on this backend for these shapes.
 
-    "auto" only picks a fused kernel whose constraints hold (cuDNN flash: fp16/bf16, head_dim a
-    multiple of 8 up to 256; splash: length a multiple of 128) and falls back to xla otherwise, so
-    an fp32 debugging run on a GPU still works. An explicit impl is taken as asked.
+    Rule: "auto" picks a fused kernel only where its constraints hold (splash: TPU, length a
+    multiple of 128; cuDNN: `cudnn_unsupported_reason` is None) and falls back to xla otherwise,
+    with a one-line warning (once per reason) when on a GPU. An explicit "cudnn" that cannot run
+    here is an error that says why; other explicit impls are taken as asked.
     """
     if q_len != kv_len:
         return "xla"  # decode against a cache: the fused training kernels assume self-attention
+    if impl == "cudnn":
+        reason = cudnn_unsupported_reason(platform(), dtype, head_dim)
+        if reason:
+            raise ValueError(f"attention impl 'cudnn' cannot run here: {reason}; use attention=auto or xla")
+        return "cudnn"
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
-    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256:
-        return "cudnn"
-    if backend == "tpu" and q_len % 128 == 0:
+    info = platform()
+    if info.backend == "gpu":
+        reason = cudnn_unsupported_reason(info, dtype, head_dim)
+        if reason is None:
+            return "cudnn"
+        _warn_fallback(reason)
+    if info.backend == "tpu" and q_len % 128 == 0:
         return "splash"
     return "xla"
 
@@ -73,7 +157,7 @@ def attention(
     causal: bool = True,
     impl: Impl = "auto",
     scale: Optional[float] = None,
-    max_segments: int = 256,
+    max_segments: int = DEFAULT_MAX_SEGMENTS,
 ) -> jax.Array:
     """Attention output [batch, q_len, num_heads, head_dim] in q's dtype (see module doc)."""
     if q.shape[2] % k.shape[2]:
@@ -156,33 +240,65 @@ def segment_offsets(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Arra
     return jax.vmap(row)(starts)
 
 
-def _check_segment_count(segment_ids, max_segments: int) -> None:
-    """Fail loudly (at run time, from the host) if a row holds more runs than the packed layout has
-    room for: truncated offsets would silently let documents attend across their boundary."""
-    runs = 1 + jnp.max(jnp.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1))
+@functools.lru_cache(maxsize=1)
+def _kv_offsets_use_query_heads() -> bool:
+    """True when the installed JAX converts packed k/v offsets with the query's head count.
 
-    def check(n):
-        if int(n) > max_segments:
-            raise ValueError(
-                f"a packed row holds {int(n)} segments but cuDNN attention was built for {max_segments}; "
-                "raise max_segments or pack fewer documents per row"
-            )
+    Asks JAX's own conversion (`_fix_seqlen_offsets`, plain jnp) about a 2-token row with 2 query
+    heads and 1 kv head of size 1: the second token's k/v element offset is 1, and the bug makes
+    it 2. Anything unexpected (the private function moved) counts as the bug: repeating k/v is
+    correct either way, only slower.
+    """
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import _fix_seqlen_offsets
 
-    jax.debug.callback(check, runs)
+        with jax.ensure_compile_time_eval():
+            lens = jnp.array([[1, 1]], jnp.int32)
+            offsets = jnp.array([[0, 1, -1]], jnp.int32)
+            q, k = jnp.zeros((1, 2, 2, 1), jnp.bfloat16), jnp.zeros((1, 2, 1, 1), jnp.bfloat16)
+            kv_offsets = _fix_seqlen_offsets(lens, lens, offsets, offsets, q, k)[3]
+            return int(kv_offsets[0, 1]) != 1
+    except Exception:
+        return True
+
+
+def cudnn_operands(q, k, v, segment_ids, max_segments: int):
+    """(q, k, v, seqlens [B, M], offsets [B, M+1]): exactly what `cudnn_attention` hands to JAX.
+
+    Under GQA with a JAX whose offset conversion uses the query's head count for k/v, k and v are
+    repeated to the query heads (q head h reads kv head h // group, HF's layout), so the k/v
+    per-token stride is the query's and JAX's conversion lands on the right tokens.
+    """
+    if k.shape[2] != q.shape[2] and _kv_offsets_use_query_heads():
+        group = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    seqlens, offsets = segment_offsets(segment_ids, min(max_segments, segment_ids.shape[1]))
+    return q, k, v, seqlens, offsets
+
+
+def segment_overflow(segment_ids: jax.Array, max_segments: int) -> jax.Array:
+    """Bool [B]: rows holding more contiguous runs (padding included) than `max_segments`."""
+    runs = 1 + jnp.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1)
+    return runs > max_segments
 
 
 def cudnn_attention(q, k, v, segment_ids, causal, scale, max_segments):
-    """cuDNN flash attention over packed rows (see module doc). GPU only."""
+    """cuDNN flash attention over packed rows (see module doc). GPU only.
+
+    A row with more runs than `max_segments` would have its tail merged into one segment (its
+    documents attending to each other); it comes out NaN instead, so the loss says so at once.
+    The loader guarantees this never happens in training (it checks each batch on the host).
+    """
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-    max_segments = min(max_segments, segment_ids.shape[1])
-    seqlens, offsets = segment_offsets(segment_ids, max_segments)
-    _check_segment_count(segment_ids, max_segments)
+    q, k, v, seqlens, offsets = cudnn_operands(q, k, v, segment_ids, max_segments)
     mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
-    return cudnn.dot_product_attention(
+    out = cudnn.dot_product_attention(
         q, k, v, None, None, seqlens, seqlens, offsets, offsets,
         scale=scale, mask_type=mask_type, qkv_layout="BTNH",
     )
+    bad = segment_overflow(segment_ids, offsets.shape[1] - 1)
+    return jnp.where(bad[:, None, None, None], jnp.asarray(jnp.nan, out.dtype), out)
 
 
 @functools.lru_cache(maxsize=32)

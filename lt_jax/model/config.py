@@ -51,6 +51,12 @@ class ModelConfig:
     compute_dtype: DType = "float32"
     remat: RematPolicy = "none"
     attention: AttentionImpl = "auto"
+    # cuDNN packed attention: most contiguous runs per row (documents, plus one for trailing
+    # padding); the loader packs at most max_segments - 1 documents per row. The kernel keeps
+    # fp32 softmax statistics [batch * max_segments, num_heads, seq] per layer for the backward
+    # (at 32k with 28 heads: 3.7 MB per segment slot, 235 MB at 64), so it is not set to the worst
+    # case; 64 keeps them at the size of q in bf16 with head_dim 128 (README: "GPU attention").
+    max_segments: int = 64
 
     def __post_init__(self):
         # Family defaults, resolved once so the rest of the code sees plain booleans.
@@ -69,6 +75,8 @@ class ModelConfig:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); set head_dim"
             )
+        if self.max_segments < 2:
+            raise ValueError(f"max_segments must be >= 2 (a document and padding), got {self.max_segments}")
         if self.resolved_head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
 

@@ -155,7 +155,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pd, cd)
         else:
             self.q_norm = self.k_norm = None
-        self.impl = cfg.attention
+        self.impl, self.max_segments = cfg.attention, cfg.max_segments
 
     def __call__(self, x, cos, sin, segment_ids, positions, cache=None):
         """x [B, S, H] -> ([B, S, H], (k_cache, v_cache) or None).
@@ -183,7 +183,7 @@ class Attention(nnx.Module):
         out = attention(
             q, k.astype(q.dtype), v.astype(q.dtype),
             q_segment_ids=segment_ids, kv_segment_ids=kv_seg, q_positions=positions, kv_positions=kv_pos,
-            impl=self.impl,
+            impl=self.impl, max_segments=self.max_segments,
         )
         out = checkpoint_name(out, "attn_out")
         return self.o_proj(out.reshape(b * s, self.num_heads * self.head_dim)).reshape(x.shape), new_cache
@@ -223,11 +223,25 @@ class Block(nnx.Module):
 
 _CACHE_AXES = ("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
 
+_SAVE_ATTN_OUT = jax.checkpoint_policies.save_only_these_names("attn_out")
+# The cuDNN forward's primitive in JAX (jax._src.cudnn.fused_attention_stablehlo); its outputs are
+# the attention output and the fp32 softmax statistics its backward needs.
+_CUDNN_FWD = "dot_product_attention_fwd_wrapper"
+
+
+def _save_attention_out(prim, *avals, **params) -> bool:
+    """Saves the attention output and, on the cuDNN path, the kernel's softmax statistics: the
+    backward then reruns the layer's projections, norms and MLP but not the attention forward.
+    On the XLA and splash paths only the output is saved and the attention forward is recomputed
+    (the XLA path's probabilities are [B, N, S, S]; splash keeps its statistics internal)."""
+    return getattr(prim, "name", "") == _CUDNN_FWD or _SAVE_ATTN_OUT(prim, *avals, **params)
+
+
 _REMAT_POLICIES = {
     "full": None,  # jax.checkpoint's default: save nothing, recompute the layer
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "save_attention_out": _save_attention_out,
 }
 
 

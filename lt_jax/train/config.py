@@ -7,7 +7,7 @@ other unknown top-level key, so a typo still fails loudly.
 
     model       ModelConfig fields. From scratch: the architecture. With `train.init_from`: the
                 architecture comes from the checkpoint, fields given here must agree with it,
-                except the runtime ones (dtypes, remat, attention), which override it.
+                except the runtime ones (dtypes, remat, attention, max_segments), which override it.
     mesh        MeshConfig: data / fsdp / tensor axis sizes (-1: the rest of the devices).
     data        DataConfig: tokenized folders, sequence length, packing, shuffling, workers.
     optim       OptimConfig: AdamW, clipping, the learning-rate schedule.
@@ -32,7 +32,7 @@ OTHER_STAGE_SECTIONS: tuple[str, ...] = (
 )
 
 # ModelConfig fields that do not change parameter shapes: a run may override them on an imported model.
-RUNTIME_MODEL_FIELDS: tuple[str, ...] = ("param_dtype", "compute_dtype", "remat", "attention")
+RUNTIME_MODEL_FIELDS: tuple[str, ...] = ("param_dtype", "compute_dtype", "remat", "attention", "max_segments")
 
 DType = Literal["float32", "bfloat16"]
 
@@ -187,7 +187,7 @@ class RunConfig:
         """The model section as a ModelConfig; over `base` (the config stored in checkpoint `source`).
 
         On a base, architecture fields given in the section must equal the base's; runtime fields
-        (dtypes, remat, attention) replace them.
+        (dtypes, remat, attention, max_segments) replace them.
         """
         if base is None:
             return config_lib.from_dict(ModelConfig, self.model, prefix="model")

@@ -78,6 +78,11 @@ def device_memory(devices) -> dict[str, float]:
     return out
 
 
+def peak_memory_gib(device) -> Optional[float]:
+    """The device allocator's peak bytes in use, in GiB (None where the backend keeps no stats, e.g. CPU)."""
+    return device_memory([device]).get("memory_peak_gb")
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

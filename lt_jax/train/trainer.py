@@ -108,7 +108,7 @@ def initial_params(cfg: RunConfig, model_config, mesh):
     from lt_jax.train import step as st
 
     if cfg.train.init_from:
-        runtime = {k: getattr(model_config, k) for k in ("param_dtype", "compute_dtype", "remat", "attention")}
+        runtime = {k: getattr(model_config, k) for k in ("param_dtype", "compute_dtype", "remat", "attention", "max_segments")}
         model = ckpt.load_model_checkpoint(cfg.train.init_from, mesh=mesh, **runtime)
     else:
         model = tfm.init_model(model_config, mesh, seed=cfg.train.seed)
@@ -130,18 +130,6 @@ def setup(cfg: RunConfig, printer=print, accept_config_changes: bool = False) ->
     batch_sharding = loader_lib.batch_sharding(mesh)
     _check_batch(cfg, mesh, batch_sharding)
     source = TokenizedSource(cfg.data.train)
-    loader = loader_lib.Loader(
-        source, loader_lib.LoaderOptions.from_data_config(cfg.data, cfg.train.global_batch), batch_sharding
-    )
-    eval_loader = None
-    if cfg.data.eval:
-        eval_opts = loader_lib.LoaderOptions.from_data_config(
-            cfg.data, cfg.train.global_batch, epochs=1, drop_remainder=False
-        )
-        eval_loader = loader_lib.Loader(
-            TokenizedSource(cfg.data.eval), dataclasses.replace(eval_opts, shuffle=False), batch_sharding
-        )
-    steps = total_steps(cfg, loader)
     checkpointer = ckpt.TrainCheckpointer(
         cfg.checkpoint_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
         async_save=cfg.checkpoint.async_save,
@@ -154,6 +142,21 @@ def setup(cfg: RunConfig, printer=print, accept_config_changes: bool = False) ->
         for line in check_resume(stored, cfg, accept=accept_config_changes, where=f"{cfg.checkpoint_dir} step {resume}"):
             printer(f"resuming with a changed config: {line}", flush=True)
     model_config = resolve_model_config(cfg, cfg.checkpoint_dir, resume)
+    # Rows never hold more segments than the attention was built for (cuDNN's packed layout).
+    max_segments = model_config.max_segments
+    loader = loader_lib.Loader(
+        source, loader_lib.LoaderOptions.from_data_config(cfg.data, cfg.train.global_batch, max_segments=max_segments),
+        batch_sharding,
+    )
+    eval_loader = None
+    if cfg.data.eval:
+        eval_opts = loader_lib.LoaderOptions.from_data_config(
+            cfg.data, cfg.train.global_batch, epochs=1, drop_remainder=False, max_segments=max_segments
+        )
+        eval_loader = loader_lib.Loader(
+            TokenizedSource(cfg.data.eval), dataclasses.replace(eval_opts, shuffle=False), batch_sharding
+        )
+    steps = total_steps(cfg, loader)
     _check_vocab(source, model_config, cfg.data.train)
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     graphdef, abstract_params = st.split_model(tfm.abstract_model(model_config, mesh))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lt_jax.data import loader as loader_lib
+from lt_jax.data import packing
 from lt_jax.data.source import TokenizedSource
 from lt_jax.model import sharding as shd
 
@@ -139,3 +140,19 @@ def test_data_smaller_than_one_batch_is_a_clear_error(random_data):
     source = TokenizedSource(random_data.path)
     with pytest.raises(ValueError, match=r"fewer than one global batch of 500 rows"):
         next(loader_lib.Loader(source, options(global_batch=500)))
+
+
+def test_max_segments_caps_documents_per_row_and_every_batch_is_checked(random_data):
+    """Rows hold at most max_segments - 1 documents (one run is left for padding); the plan counts
+    the rows it closed early; each batch is checked on the host against the ceiling."""
+    source = TokenizedSource(random_data.path)
+    loader = loader_lib.Loader(source, options(max_segments=3, epochs=1))
+    runs = [packing.count_runs(b["segment_ids"]) for b in loader]
+    assert max(r.max() for r in runs) <= 3 and max(int(b.max()) for b in runs) == 3
+    stats = loader.stats(0)
+    assert stats["rows_capped_at_max_segments"] > 0
+    plain = loader_lib.Loader(source, options(epochs=1))
+    assert plain.stats(0)["rows"] < stats["rows"]
+    reader = loader_lib._BatchReader(source, plain.plan(0), options(max_segments=2), plain.rows, 0)
+    with pytest.raises(ValueError, match="batch 0: row .* holds .* segments .*max_segments is 2"):
+        reader[0]

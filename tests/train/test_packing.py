@@ -85,3 +85,27 @@ def test_take_rows_reorders_and_recounts():
     assert rows_of(plan) == [[0, 1], [2, 3]]
     sub = plan.take_rows(np.array([1]), lengths)
     assert rows_of(sub) == [[2, 3]] and sub.packed_tokens == 8
+
+
+@pytest.mark.parametrize("method", ["best_fit", "first_fit"])
+def test_max_docs_caps_examples_per_row_and_counts_the_rows_it_closed(method):
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 9, size=400)  # short documents: ~30 would fit in a row of 128
+    order = rng.permutation(len(lengths))
+    free = packing.plan_packing(lengths, order, 128, window=100, method=method)
+    capped = packing.plan_packing(lengths, order, 128, window=100, method=method, max_docs=7)
+    assert max(len(r) for r in rows_of(free)) > 7 and free.capped_rows == 0
+    assert max(len(r) for r in rows_of(capped)) == 7
+    assert sorted(i for r in rows_of(capped) for i in r) == list(range(400))  # nothing lost to the cap
+    closed_with_room = sum(1 for r in rows_of(capped) if len(r) == 7 and lengths[r].sum() < 128)
+    assert capped.capped_rows == closed_with_room > 0
+    with pytest.raises(ValueError, match="max_docs must be >= 1"):
+        packing.plan_packing(lengths, order, 128, max_docs=0)
+
+
+def test_segment_count_check_names_the_row_and_the_setting():
+    seg = np.array([[1, 1, 2, 3, 0, 0], [1, 2, 3, 4, 5, 0]], np.int32)
+    np.testing.assert_array_equal(packing.count_runs(seg), [4, 6])
+    packing.check_segment_count(seg, 6)
+    with pytest.raises(ValueError, match=r"shards/x: batch 3: row 1 holds 6 segments .*max_segments is 5 \(1 rows over\)"):
+        packing.check_segment_count(seg, 5, "shards/x: batch 3")

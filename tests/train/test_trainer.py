@@ -219,3 +219,20 @@ def test_z_loss_is_logged_as_the_term_added_to_the_loss():
         meter.run = types.SimpleNamespace(cfg=types.SimpleNamespace(train=types.SimpleNamespace(z_loss=weight)))
         fields = meter._fields(record)
         assert fields.get("z_loss") == (pytest.approx(want) if want else None) and fields["loss"] == 2.0
+
+
+def test_the_loader_packs_to_the_models_segment_ceiling(tiny_data, helpers, tmp_path):
+    """model.max_segments reaches the loader: no row holds more segments (documents + padding)."""
+    import jax
+
+    from lt_jax.data import packing
+
+    raw = helpers.run_config(str(tmp_path / "out"), tiny_data.train, model={"max_segments": 3})
+    run = trainer.setup(from_dict(RunConfig, raw), printer=lambda *a, **k: None)
+    try:
+        assert run.model_config.max_segments == 3 and run.loader.options.max_segments == 3
+        seg = np.asarray(jax.device_get(next(run.loader)["segment_ids"]))
+        assert packing.count_runs(seg).max() <= 3 and run.loader.stats(0)["rows_capped_at_max_segments"] > 0
+    finally:
+        run.loader.close()
+        run.checkpointer.close()
