@@ -1,4 +1,4 @@
-"""The model's architecture config: one dataclass covers Qwen2/2.5, Qwen3 and Llama 3.x.
+"""The model's architecture config: one dataclass covers every family in lt_jax.model.families.
 
 Families differ only in a few switches (q/k/v bias, q/k RMSNorm, explicit head_dim, rope
 scaling, tied embeddings), so one decoder reads them rather than one class per family.
@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-Family = Literal["qwen2", "qwen3", "llama"]
+from lt_jax.model import families
+
+Family = str  # a key of lt_jax.model.families.FAMILIES (qwen2, qwen3, llama, phi3)
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
@@ -60,10 +62,11 @@ class ModelConfig:
 
     def __post_init__(self):
         # Family defaults, resolved once so the rest of the code sees plain booleans.
+        spec = families.get(self.family)
         if self.attention_bias is None:
-            object.__setattr__(self, "attention_bias", self.family == "qwen2")
+            object.__setattr__(self, "attention_bias", spec.attention_bias)
         if self.qk_norm is None:
-            object.__setattr__(self, "qk_norm", self.family == "qwen3")
+            object.__setattr__(self, "qk_norm", spec.qk_norm)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

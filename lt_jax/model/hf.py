@@ -1,9 +1,11 @@
 """Hugging Face folders <-> lt_jax models: config conversion, name tables, load and save.
 
-One declarative table per family maps each Hugging Face tensor to a path of the parameter tree
-documented in `lt_jax.model` plus a transform ("linear": torch's [out, in] Linear weight becomes
-our [in, out] kernel; "copy": same layout). Rows whose HF name holds "{i}" are per-layer tensors,
-stacked along axis 0 of the scanned parameter.
+Generic machinery: everything family-specific (the name table, transforms, defaults, refused
+switches) lives in the family's spec module under `lt_jax.model.families`. Each table row maps a
+Hugging Face tensor to one or more paths of the parameter tree documented in `lt_jax.model`
+(several: a fused tensor, split on load and fused on save) with a transform object that converts
+both ways. Rows whose HF name holds "{i}" are per-layer tensors, stacked along axis 0 of the
+scanned parameter.
 
 Loading never materialises the whole model on one host or device: every parameter is built with
 `jax.make_array_from_callback`, whose callback reads only the slice a device asks for from a
@@ -23,7 +25,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from lt_jax import storage
+from lt_jax.model import families
 from lt_jax.model.config import ModelConfig, RopeScaling
+from lt_jax.model.families import FAMILIES
+from lt_jax.model.families.spec import EMBED_NAME, TIED_HEAD  # noqa: F401  (TIED_HEAD re-exported)
 from lt_jax.model.safetensors_io import (  # noqa: F401  (re-exported: part of this module's API)
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_FILE,
@@ -53,50 +58,24 @@ IGNORED_TENSORS = (re.compile(r"\.rotary_emb\.inv_freq$"),)
 
 
 # ---------------------------------------------------------------------------------------------
-# Name tables: (Hugging Face name, lt_jax parameter path, transform)
+# Name tables: the family spec's rows, resolved against one model's parameter shapes
 
-_EMBED = (("model.embed_tokens.weight", "embed.embedding", "copy"),)
-_ATTN = (
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.attn.q_proj.kernel", "linear"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers.attn.k_proj.kernel", "linear"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers.attn.v_proj.kernel", "linear"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.attn.o_proj.kernel", "linear"),
-)
-_QKV_BIAS = (
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers.attn.q_proj.bias", "copy"),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers.attn.k_proj.bias", "copy"),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers.attn.v_proj.bias", "copy"),
-)
-_QK_NORM = (
-    ("model.layers.{i}.self_attn.q_norm.weight", "layers.attn.q_norm.scale", "copy"),
-    ("model.layers.{i}.self_attn.k_norm.weight", "layers.attn.k_norm.scale", "copy"),
-)
-_MLP_NORMS_HEAD = (
-    ("model.layers.{i}.input_layernorm.weight", "layers.input_norm.scale", "copy"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.post_attn_norm.scale", "copy"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.mlp.gate_proj.kernel", "linear"),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.mlp.up_proj.kernel", "linear"),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.mlp.down_proj.kernel", "linear"),
-    ("model.norm.weight", "final_norm.scale", "copy"),
-    ("lm_head.weight", "lm_head.kernel", "linear"),  # dropped when embeddings are tied
-)
-
-TABLES: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "qwen2": _EMBED + _ATTN + _QKV_BIAS + _MLP_NORMS_HEAD,
-    "qwen3": _EMBED + _ATTN + _QK_NORM + _MLP_NORMS_HEAD,
-    "llama": _EMBED + _ATTN + _MLP_NORMS_HEAD,
-}
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
-TIED_HEAD = "lm_head.weight"
+TABLES = FAMILIES  # the supported families (kept under its old name for callers)
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-    """One parameter: where its HF tensor(s) live and how to lay them out."""
+    """One parameter: the HF tensor it lives in, how to lay it out, and (fused tensors) its rows.
+
+    `start`/`size`: this parameter's extent along the HF tensor's axis 0 when the HF tensor fuses
+    several parameters (None: the whole tensor is this parameter).
+    """
 
     hf_name: str  # with "{i}" for per-layer tensors
     path: str
-    transform: str
+    transform: Any
+    start: Optional[int] = None
+    size: Optional[int] = None
 
     @property
     def per_layer(self) -> bool:
@@ -108,27 +87,39 @@ class TensorMap:
         return [self.hf_name.format(i=i) for i in range(num_layers)]
 
     def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        """Shape of one HF tensor given the lt_jax parameter's shape."""
-        shape = tuple(shape[1:] if self.per_layer else shape)
-        return shape[::-1] if self.transform == "linear" else shape
+        """Shape of this parameter's part of one HF tensor, given the lt_jax parameter's shape."""
+        return self.transform.hf_shape(tuple(shape[1:] if self.per_layer else shape))
+
+    def hf_index(self, inner: tuple, shape: Sequence[int]) -> tuple:
+        """The HF tensor index holding block `inner` (an index of one layer of the parameter)."""
+        index = self.transform.hf_index(inner)
+        if self.start is None:
+            return index
+        lo, hi, step = index[0].indices(self.size)
+        return (slice(self.start + lo, self.start + hi, step),) + tuple(index[1:])
 
 
-def tensor_maps(config: ModelConfig) -> list[TensorMap]:
-    """The rows of `config.family`'s table that apply to this config (no lm_head when tied)."""
-    rows = [TensorMap(*row) for row in TABLES[config.family]]
-    if config.tie_word_embeddings:
-        rows = [r for r in rows if r.hf_name != TIED_HEAD]
-    return rows
+def tensor_maps(config: ModelConfig, shapes: Optional[dict[str, Sequence[int]]] = None) -> list[TensorMap]:
+    """One TensorMap per parameter of `config`'s family (no lm_head when tied).
+
+    Fused HF tensors need the parameter `shapes` (path -> shape) to place each part.
+    """
+    maps = []
+    for r in families.get(config.family).tensor_rows(config):
+        if len(r.paths) == 1:
+            maps.append(TensorMap(r.hf_name, r.paths[0], r.transform))
+            continue
+        start = 0
+        for path in r.paths:
+            size = TensorMap(r.hf_name, path, r.transform).hf_shape(shapes[path])[0]
+            maps.append(TensorMap(r.hf_name, path, r.transform, start, size))
+            start += size
+    return maps
 
 
 # ---------------------------------------------------------------------------------------------
 # Config conversion
 
-_FAMILY_DEFAULTS = {  # what transformers 5.23's config classes assume for absent keys
-    "qwen2": {"max_position_embeddings": 32768, "head_dim": None},
-    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
-    "llama": {"max_position_embeddings": 2048, "head_dim": None},
-}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -140,17 +131,17 @@ def hf_to_model_config(hf_config: dict[str, Any], path: str = CONFIG_FILE, **ove
     config.json does not describe (param_dtype, compute_dtype, remat, attention).
     """
     family = hf_config.get("model_type")
-    if family not in TABLES:
+    if family not in FAMILIES:
         raise HFFormatError(
-            f"{path}: model_type {family!r} is not supported; supported: {', '.join(sorted(TABLES))}"
+            f"{path}: model_type {family!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
         )
+    spec = FAMILIES[family]
     missing = [k for k in _REQUIRED if k not in hf_config]
     if missing:
         raise HFFormatError(f"{path}: required field {missing[0]!r} is missing")
-    _check_supported(hf_config, family, path)
-    theta, scaling = _rope(hf_config, path)
-    defaults = _FAMILY_DEFAULTS[family]
-    head_dim = hf_config.get("head_dim") or defaults["head_dim"]
+    _check_supported(hf_config, spec, path)
+    theta, scaling = _rope(hf_config, spec, path)
+    head_dim = hf_config.get("head_dim") or spec.default("head_dim")
     if head_dim is not None and head_dim * hf_config["num_attention_heads"] == hf_config["hidden_size"]:
         head_dim = None  # the derived value: keep configs comparable across families
     fields = dict(
@@ -164,11 +155,9 @@ def hf_to_model_config(hf_config: dict[str, Any], path: str = CONFIG_FILE, **ove
         head_dim=head_dim,
         rope_theta=float(theta),
         rope_scaling=scaling,
-        rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(hf_config.get("rms_norm_eps", spec.default("rms_norm_eps", 1e-6))),
         tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        attention_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
-        max_position_embeddings=hf_config.get("max_position_embeddings", defaults["max_position_embeddings"]),
+        max_position_embeddings=hf_config.get("max_position_embeddings", spec.default("max_position_embeddings")),
         bos_token_id=_token_id(hf_config, "bos_token_id", path),
         eos_token_id=_token_id(hf_config, "eos_token_id", path),
     )
@@ -179,12 +168,14 @@ def hf_to_model_config(hf_config: dict[str, Any], path: str = CONFIG_FILE, **ove
         raise HFFormatError(f"{path}: {e}") from e
 
 
-def _check_supported(hf: dict[str, Any], family: str, path: str) -> None:
+def _check_supported(hf: dict[str, Any], spec: families.FamilySpec, path: str) -> None:
     """Rejects switches this decoder does not implement instead of silently ignoring them."""
     if hf.get("hidden_act", "silu") != "silu":
         raise HFFormatError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported; only 'silu'")
-    if family in ("qwen3", "llama") and hf.get("attention_bias"):
-        raise HFFormatError(f"{path}: attention_bias=true ({family} with q/k/v/o biases) is not supported")
+    try:
+        spec.check_supported(hf)
+    except families.UnsupportedConfig as e:
+        raise HFFormatError(f"{path}: {e}") from e
     if hf.get("mlp_bias"):
         raise HFFormatError(f"{path}: mlp_bias=true is not supported")
     if hf.get("use_sliding_window"):
@@ -194,15 +185,16 @@ def _check_supported(hf: dict[str, Any], family: str, path: str) -> None:
         raise HFFormatError(f"{path}: layer_types {other} are not supported; only 'full_attention'")
 
 
-def _rope(hf: dict[str, Any], path: str) -> tuple[float, Optional[RopeScaling]]:
+def _rope(hf: dict[str, Any], spec: families.FamilySpec, path: str) -> tuple[float, Optional[RopeScaling]]:
     params = dict(hf.get("rope_scaling") or {})
     params.update(hf.get("rope_parameters") or {})  # transformers 5 folds theta and scaling in here
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
-    if kind != "llama3":
-        raise HFFormatError(f"{path}: rope type {kind!r} is not supported; supported: default, llama3")
+    if kind not in spec.rope_types or kind != "llama3":
+        supported = ", ".join(spec.rope_types)
+        raise HFFormatError(f"{path}: rope type {kind!r} is not supported for {spec.name}; supported: {supported}")
     names = [f.name for f in dataclasses.fields(RopeScaling) if f.name != "rope_type"]
     absent = [n for n in names if n not in params]
     if absent:
@@ -223,8 +215,9 @@ def _token_id(hf: dict[str, Any], key: str, path: str) -> Optional[int]:
 
 def model_config_to_hf(config: ModelConfig, dtype: Optional[str] = None) -> dict[str, Any]:
     """config.json contents for `config`, in the classic layout every transformers version reads."""
+    spec = families.get(config.family)
     hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[config.family]],
+        "architectures": [spec.architecture],
         "model_type": config.family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -246,16 +239,8 @@ def model_config_to_hf(config: ModelConfig, dtype: Optional[str] = None) -> dict
     }
     if config.rope_scaling is not None:
         hf["rope_scaling"] = dataclasses.asdict(config.rope_scaling)
-    hf.update(_FAMILY_SWITCHES[config.family])
+    hf.update(spec.config_to_hf(config))
     return hf
-
-
-# Switches transformers reads per family: all off, as _check_supported requires on import.
-_FAMILY_SWITCHES = {
-    "qwen2": {"use_sliding_window": False},
-    "qwen3": {"attention_bias": False, "use_sliding_window": False},
-    "llama": {"attention_bias": False, "mlp_bias": False},
-}
 
 
 def generation_config(config: ModelConfig, tokenizer_dir: Optional[str] = None) -> dict[str, Any]:
@@ -301,18 +286,21 @@ def read_config(path: str, **overrides) -> ModelConfig:
 # Loading
 
 
-def _check_table(maps: Sequence[TensorMap], params: dict[str, Any], family: str) -> None:
-    """The table and the model's parameter tree must name exactly the same paths."""
-    mapped = {m.path for m in maps}
-    if mapped != set(params):
-        raise AssertionError(
-            f"{family} table out of sync with the model: unmapped {sorted(set(params) - mapped)}, "
-            f"unknown {sorted(mapped - set(params))}"
-        )
+def _maps_for(config: ModelConfig, params: dict[str, Any]) -> list[TensorMap]:
+    """The checked TensorMaps of `config`'s family for a model whose parameters are `params`."""
+    families.spec.check_paths(families.get(config.family), list(params), config)
+    return tensor_maps(config, {path: leaf.shape for path, leaf in params.items()})
 
 
 def _expected_tensors(maps: Sequence[TensorMap], params: dict[str, Any], num_layers: int) -> dict[str, tuple]:
-    return {name: m.hf_shape(params[m.path].shape) for m in maps for name in m.hf_names(num_layers)}
+    """HF name -> shape; a fused tensor's axis 0 is the sum of its parts'."""
+    out: dict[str, tuple] = {}
+    for m in maps:
+        shape = m.hf_shape(params[m.path].shape)
+        for name in m.hf_names(num_layers):
+            rows = out[name][0] + shape[0] if name in out else shape[0]
+            out[name] = (rows,) + tuple(shape[1:])
+    return out
 
 
 def check_tensors(folder: SafetensorsFolder, config: ModelConfig, expected: dict[str, tuple]) -> None:
@@ -340,17 +328,17 @@ def check_tensors(folder: SafetensorsFolder, config: ModelConfig, expected: dict
 
 def _check_tied_head(folder: SafetensorsFolder, rows_per_read: int = 8192) -> None:
     """A tied checkpoint may still store lm_head.weight, but only as a copy of the embedding."""
-    head, emb = folder.tensors[TIED_HEAD], folder.tensors[_EMBED[0][0]]
+    head, emb = folder.tensors[TIED_HEAD], folder.tensors[EMBED_NAME]
     same = head.shape == emb.shape and head.dtype == emb.dtype
     for r in range(0, head.shape[0] if same else 0, rows_per_read):
         rows = (slice(r, min(r + rows_per_read, head.shape[0])), slice(None))
-        a, b = folder.read([(TIED_HEAD, rows), (_EMBED[0][0], rows)])
+        a, b = folder.read([(TIED_HEAD, rows), (EMBED_NAME, rows)])
         if not np.array_equal(a, b):
             same = False
             break
     if not same:
         raise HFFormatError(
-            f"{head.file}: tensor {TIED_HEAD!r} differs from {_EMBED[0][0]!r}, but config.json sets "
+            f"{head.file}: tensor {TIED_HEAD!r} differs from {EMBED_NAME!r}, but config.json sets "
             "tie_word_embeddings=true"
         )
 
@@ -359,12 +347,11 @@ def _read_param(folder: SafetensorsFolder, m: TensorMap, shape: tuple, index, nu
     """The block `index` of the lt_jax parameter `m.path`, read from its HF tensor(s)."""
     index = tuple(slice(None) for _ in shape) if index is None else tuple(index)
     inner = index[1:] if m.per_layer else index
-    hf_index = inner[::-1] if m.transform == "linear" else inner
+    hf_index = m.hf_index(inner, shape)
     layers = range(num_layers)[index[0]] if m.per_layer else [None]
     names = [m.hf_name if i is None else m.hf_name.format(i=i) for i in layers]
     parts = folder.read([(name, hf_index) for name in names])
-    if m.transform == "linear":
-        parts = [p.T for p in parts]
+    parts = [m.transform.from_hf(p) for p in parts]
     return np.stack(parts) if m.per_layer else parts[0]
 
 
@@ -408,8 +395,7 @@ def load_hf(
     folder = SafetensorsFolder(path)
     abstract = tfm.abstract_model(config, mesh)
     params = tfm.flat_abstract_state(abstract)
-    maps = tensor_maps(config)
-    _check_table(maps, params, config.family)
+    maps = _maps_for(config, params)
     check_tensors(folder, config, _expected_tensors(maps, params, config.num_layers))
     # Reads (gs:// latency, page faults) and numpy's transposes release the GIL: threads overlap them.
     with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
@@ -423,17 +409,22 @@ def load_hf(
 # Saving
 
 
-def _ordered_entries(maps: Sequence[TensorMap], num_layers: int) -> list[tuple[str, TensorMap, Optional[int]]]:
-    """(HF name, row, layer) in the order transformers writes them: embeddings, layers, norm, head."""
-    first = next(k for k, m in enumerate(maps) if m.per_layer)
-    head = [(m.hf_name, m, None) for m in maps[:first] if not m.per_layer]
-    layers = [(m.hf_name.format(i=i), m, i) for i in range(num_layers) for m in maps if m.per_layer]
-    tail = [(m.hf_name, m, None) for m in maps[first:] if not m.per_layer]
+def _ordered_entries(maps: Sequence[TensorMap], num_layers: int) -> list[tuple[str, list[TensorMap], Optional[int]]]:
+    """(HF name, its parts, layer) in the order transformers writes them: embeddings, layers, norm, head."""
+    groups: dict[str, list[TensorMap]] = {}
+    for m in maps:
+        groups.setdefault(m.hf_name, []).append(m)
+    rows = list(groups.items())
+    first = next(k for k, (_, parts) in enumerate(rows) if parts[0].per_layer)
+    head = [(name, parts, None) for name, parts in rows[:first] if not parts[0].per_layer]
+    layers = [(name.format(i=i), parts, i) for i in range(num_layers) for name, parts in rows if parts[0].per_layer]
+    tail = [(name, parts, None) for name, parts in rows[first:] if not parts[0].per_layer]
     return head + layers + tail
 
 
-def _to_host(array, layer: Optional[int], transform: str, dtype: np.dtype) -> np.ndarray:
-    """One HF tensor on the host: slice one layer on device, gather it (all processes), cast, transpose."""
+def _to_host(array, layer: Optional[int], transform, dtype: np.dtype) -> np.ndarray:
+    """One parameter's HF block on the host: slice one layer on device, gather it (all processes),
+    cast, lay out as HF does."""
     import jax
     from jax.experimental import multihost_utils
 
@@ -444,7 +435,7 @@ def _to_host(array, layer: Optional[int], transform: str, dtype: np.dtype) -> np
     else:
         host = np.asarray(jax.device_get(array))
     host = host.astype(dtype, copy=False)
-    return np.ascontiguousarray(host.T if transform == "linear" else host)
+    return np.ascontiguousarray(transform.to_hf(host))
 
 
 @functools.cache
@@ -483,12 +474,14 @@ def save_hf(
 
     config = model.config
     params = tfm.flat_abstract_state(model)
-    maps = tensor_maps(config)
-    _check_table(maps, params, config.family)
+    maps = _maps_for(config, params)
     out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
     entries = _ordered_entries(maps, config.num_layers)
-    by_name = {name: (m, layer) for name, m, layer in entries}
-    sizes = [(n, int(np.prod(m.hf_shape(params[m.path].shape))) * out_dtype.itemsize) for n, m, _ in entries]
+    by_name = {name: (parts, layer) for name, parts, layer in entries}
+    sizes = [
+        (n, sum(int(np.prod(m.hf_shape(params[m.path].shape))) for m in parts) * out_dtype.itemsize)
+        for n, parts, _ in entries
+    ]
     shards = plan_shards(sizes, max_shard_bytes)
     files = shard_file_names(len(shards))
     # Inputs are checked on every process before the gathers, so a bad tokenizer folder fails
@@ -501,8 +494,9 @@ def save_hf(
     for file, names in zip(files, shards):
         tensors = {}
         for name in names:
-            m, layer = by_name[name]
-            tensors[name] = _to_host(params[m.path], layer, m.transform, out_dtype)
+            parts, layer = by_name[name]
+            blocks = [_to_host(params[m.path], layer, m.transform, out_dtype) for m in parts]
+            tensors[name] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)  # fused
         if writer:
             storage.write_bytes(storage.join(out_dir, file), save_safetensors(tensors, metadata={"format": "pt"}))
         del tensors

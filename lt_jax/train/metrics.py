@@ -27,6 +27,7 @@ import time
 from typing import Any, Optional
 
 from lt_jax import storage
+from lt_jax.model import families
 from lt_jax.model.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, matched as substrings of jax's `device_kind` (first match wins).
@@ -50,9 +51,11 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def step_flops(cfg: ModelConfig, tokens: float, attention_pairs: float) -> float:
-    """Model FLOPs of one training step (forward + backward) over `tokens` real tokens."""
-    attn = 12.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * attention_pairs
-    return 6.0 * matmul_params(cfg) * tokens + attn
+    """Model FLOPs of one training step (forward + backward) over `tokens` real tokens: the family
+    spec's FLOPs per token (lt_jax.model.families) times the tokens."""
+    if not tokens:
+        return 0.0
+    return families.get(cfg.family).flops_per_token(cfg, attention_pairs / tokens) * tokens
 
 
 def peak_flops_per_device(device_kind: str, override: Optional[float] = None) -> Optional[float]:
