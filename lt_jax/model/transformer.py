@@ -286,10 +286,28 @@ class Transformer(nnx.Module):
         segment_ids: Optional[jax.Array] = None,
         cache: Optional[KVCache] = None,
     ):
-        """Logits [B, S, V] float32; with `cache`, (logits, updated cache).
+        """Logits [B, S, V] float32; with `cache`, (logits, updated cache): `logits(hidden_states(...))`.
 
         positions default to 0..S-1 per row (or continue from the cache index); segment_ids default to
         ones. Tokens attend to earlier-or-equal positions with the same segment id; 0 marks padding.
+        """
+        out = self.hidden_states(input_ids, positions, segment_ids, cache)
+        if cache is None:
+            return self.logits(out)
+        hidden, cache = out
+        return self.logits(hidden), cache
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        cache: Optional[KVCache] = None,
+    ):
+        """Final-norm hidden states [B, S, H] in the compute dtype (with `cache`: (hidden, new cache)).
+
+        The model without its LM head, so a loss can run the head in chunks (`logits`). Arguments
+        as for `__call__`.
         """
         b, s = input_ids.shape
         if positions is None:
@@ -301,9 +319,12 @@ class Transformer(nnx.Module):
         x = shd.shard_activation(self._embed(input_ids), ("act_batch", "act_seq", "act_embed"))
         cos, sin = rope_tables(positions, rope_inv_freq(self.config), _dtype(self.config.compute_dtype))
         x, cache = self._run_layers(x, cos, sin, segment_ids, positions, cache)
-        logits = self._logits(self.final_norm(x))
-        logits = shd.shard_activation(logits, ("act_batch", "act_seq", "act_vocab"))
-        return logits if cache is None else (logits, cache)
+        hidden = self.final_norm(x)
+        return hidden if cache is None else (hidden, cache)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits [B, S, V] (sharded on the vocab axis) from `hidden_states` [B, S, H]."""
+        return shd.shard_activation(self._logits(hidden), ("act_batch", "act_seq", "act_vocab"))
 
     def _logits(self, x):
         """fp32 logits [B, S, V] from the final hidden states [B, S, H].

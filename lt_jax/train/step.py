@@ -40,35 +40,15 @@ class StepOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model, split at the LM head
-
-
-def forward_hidden(model: tfm.Transformer, input_ids, positions, segment_ids) -> jax.Array:
-    """Final-norm hidden states [B, S, H]: `model(...)` without the LM head.
-
-    Mirrors `Transformer.__call__` through its private pieces (tests check that
-    `lm_head_logits(forward_hidden(...))` equals `model(...)` exactly), so the loss can run the head
-    in chunks. A public hidden-states entry point on the model would replace this.
-    """
-    cfg = model.config
-    x = shd.shard_activation(model._embed(input_ids), ("act_batch", "act_seq", "act_embed"))
-    cos, sin = tfm.rope_tables(positions, tfm.rope_inv_freq(cfg), tfm._dtype(cfg.compute_dtype))
-    x, _ = model._run_layers(x, cos, sin, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), None)
-    return model.final_norm(x)
-
-
-def lm_head_logits(model: tfm.Transformer, hidden: jax.Array) -> jax.Array:
-    """fp32 logits [B, c, V] from hidden states, through the model's own head."""
-    return shd.shard_activation(model._logits(hidden), ("act_batch", "act_seq", "act_vocab"))
+# The loss, with the model split at the LM head (Transformer.hidden_states / Transformer.logits)
 
 
 def micro_loss_sums(model, batch: dict, options: StepOptions) -> tuple[jax.Array, jax.Array]:
     """(weighted NLL sum, weighted log(Z)^2 sum) of one micro-batch holding `targets`/`weights`."""
-    hidden = forward_hidden(model, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    head = lambda h: lm_head_logits(model, h)  # noqa: E731
+    hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
     if options.lm_head_chunk and options.lm_head_chunk < hidden.shape[1]:
-        return loss_lib.chunked_loss_sums(hidden, head, batch["targets"], batch["weights"], options.lm_head_chunk)
-    return loss_lib.loss_sums(head(hidden), batch["targets"], batch["weights"])
+        return loss_lib.chunked_loss_sums(hidden, model.logits, batch["targets"], batch["weights"], options.lm_head_chunk)
+    return loss_lib.loss_sums(model.logits(hidden), batch["targets"], batch["weights"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +198,6 @@ def jit_eval_step(graphdef, options: StepOptions, param_shardings, batch_shardin
 
 
 __all__ = [
-    "TrainState", "StepOptions", "loss_and_grads", "train_step", "eval_step", "forward_hidden", "lm_head_logits",
+    "TrainState", "StepOptions", "loss_and_grads", "train_step", "eval_step",
     "state_shardings", "abstract_state", "init_state", "jit_train_step", "jit_eval_step", "split_model",
 ]

@@ -65,7 +65,7 @@ def test_hidden_states_plus_head_equal_the_models_logits(tied):
     seg = jnp.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
     pos = jnp.array([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3])
     ref = nnx.jit(lambda m, *a: m(*a))(model, ids, pos, seg)
-    ours = nnx.jit(lambda m, *a: st.lm_head_logits(m, st.forward_hidden(m, *a)))(model, ids, pos, seg)
+    ours = nnx.jit(lambda m, *a: m.logits(m.hidden_states(*a)))(model, ids, pos, seg)
     np.testing.assert_array_equal(np.asarray(ref), np.asarray(ours))
 
 
