@@ -40,9 +40,10 @@ from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
+from lt_jax.model import context_parallel as cp
+from lt_jax.model import kernels
 from lt_jax.model import sharding as shd
+from lt_jax.model.kernels import make_mask, splash_kernel, splash_local, xla_attention  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,6 @@ Impl = Literal["auto", "xla", "cudnn", "splash"]
 CUDNN_PACKED_MIN_CC = (9, 0)
 CUDNN_PACKED_MIN_VERSION = 90600
 DEFAULT_MAX_SEGMENTS = 64  # see ModelConfig.max_segments
-
-# Finite, so fully masked rows give a uniform softmax instead of NaN.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +166,6 @@ def attention(
     # Rows that do not split evenly (a short prompt bucket when sampling) take the plain path,
     # which the partitioner gathers as needed.
     if q.shape[1] == k.shape[1] and context > 1 and q.shape[1] % context == 0:
-        from lt_jax.model import context_parallel as cp
-
         strategy, kernel = cp.choose(impl, jax.default_backend(), q.shape[1] // context)
         return cp.context_attention(
             q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, mesh=mesh, causal=causal,
@@ -183,38 +179,6 @@ def attention(
     if chosen == "splash":
         return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal, scale)
     raise ValueError(f"unknown attention impl {impl!r}; use auto, xla, cudnn or splash")
-
-
-def make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal: bool) -> jax.Array:
-    """Boolean [batch, q_len, kv_len]: True where the query may attend to the key."""
-    mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    if causal:
-        mask &= kv_positions[:, None, :] <= q_positions[:, :, None]
-    return mask
-
-
-def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale):
-    """Reference attention: logits and softmax in fp32, products in the input dtype (as HF eager).
-
-    GQA without repeating k/v: the g = Nq/Nkv query heads that share a kv head are stacked along
-    the query axis, so both products are batched matmuls over (batch, kv head) with
-    [g*S, D] x [T, D]^T and [g*S, T] x [T, D]. Only q (and the output) move heads ahead of the
-    sequence; k and v are read in place, so a decode step never copies the KV cache. With the g
-    heads interleaved in the [S, T] products instead, XLA:CPU transposed the logits and their
-    gradients, about 1.3x slower fwd+bwd.
-    """
-    b, s, nq, d = q.shape
-    t, nkv = k.shape[1], k.shape[2]
-    g = nq // nkv
-    qh = q.reshape(b, s, nkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * s, d)
-    logits = jnp.einsum("bkqd,btkd->bkqt", qh, k, preferred_element_type=jnp.float32) * scale
-    mask = make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
-    # The mask is broadcast to the stacked layout rather than the logits reshaped to [b, k, g, s, t]:
-    # one shape for the softmax output means backprop keeps one copy of it, not two.
-    mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, s, t)).reshape(b, 1, g * s, t)
-    probs = jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqt,btkd->bkqd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, nkv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, nq, d).astype(q.dtype)
 
 
 def segment_offsets(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
@@ -301,22 +265,6 @@ def cudnn_attention(q, k, v, segment_ids, causal, scale, max_segments):
     return jnp.where(bad[:, None, None, None], jnp.asarray(jnp.nan, out.dtype), out)
 
 
-@functools.lru_cache(maxsize=32)
-def _splash_kernel(num_heads: int, seq_len: int, causal: bool, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-    one = sm.CausalMask((seq_len, seq_len)) if causal else sm.FullMask((seq_len, seq_len))
-    block = min(512, seq_len)
-    sizes = sk.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block,
-        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-        block_q_dq=block, block_kv_dq=block,
-    )
-    mask = sm.MultiHeadMask([one] * num_heads)
-    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-
-
 def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret: bool = False):
     """TPU splash attention, shard_mapped over the active mesh (batch over data/fsdp, heads over tensor).
 
@@ -329,49 +277,20 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, inte
         raise ValueError(f"splash attention needs seq_len divisible by 128, got {seq}; pad the batch or use impl='xla'")
     mesh = shd.active_mesh()
     if mesh is None:
-        return _splash_local(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret, None)
+        return _splash_local(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale, interpret=interpret,
+                             kv_slice=None)
     heads = shd.mesh_spec(("act_batch", "act_seq", "act_heads", "act_head_dim"), mesh)
     kv_heads = shd.mesh_spec(("act_batch", "act_seq", "act_kv_heads", "act_head_dim"), mesh)
     ids = shd.mesh_spec(("act_batch", "act_seq"), mesh)
-    head_axes = heads[2]
-    n_shards = _axes_size(mesh, head_axes)
-    kv_slice = None
-    if k.shape[2] % n_shards:
-        if n_shards % k.shape[2]:
-            raise ValueError(f"num_kv_heads {k.shape[2]} and the {head_axes} axis ({n_shards}) must divide one another")
-        kv_heads = jax.sharding.PartitionSpec(kv_heads[0], kv_heads[1], None, kv_heads[3])
-        kv_slice = (head_axes, n_shards // k.shape[2])
-    fn = functools.partial(
-        _splash_local, causal=causal, scale=scale, interpret=interpret, kv_slice=kv_slice
-    )
+    kv_heads, kv_slice = kernels.kv_head_layout(k.shape[2], heads, kv_heads, mesh)
+    fn = functools.partial(_splash_local, causal=causal, scale=scale, interpret=interpret, kv_slice=kv_slice)
     return jax.shard_map(
         fn, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, ids, ids), out_specs=heads, check_vma=False
     )(q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def _axes_size(mesh, axes) -> int:
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
-    return int(np.prod([mesh.shape[a] for a in axes]))
-
-
-def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret, kv_slice):
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, interpret, kv_slice):
     """Splash on one device's block: q [b, s, nq, d], k/v [b, s, nkv, d]."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-
-    if kv_slice is not None:  # this device's q heads all read one kv head
-        axes, shards_per_kv = kv_slice
-        idx = jax.lax.axis_index(axes) // shards_per_kv
-        k = jax.lax.dynamic_slice_in_dim(k, idx, 1, axis=2)
-        v = jax.lax.dynamic_slice_in_dim(v, idx, 1, axis=2)
-    kernel = _splash_kernel(q.shape[2], q.shape[1], causal, interpret)
-
-    def one(q1, k1, v1, s1, t1):
-        out = kernel(
-            (q1 * scale).swapaxes(0, 1), k1.swapaxes(0, 1), v1.swapaxes(0, 1),
-            segment_ids=sk.SegmentIds(q=s1, kv=t1),
-        )
-        return out.swapaxes(0, 1)
-
-    return jax.vmap(one)(q, k, v, q_segment_ids, kv_segment_ids).astype(q.dtype)
+    k, v = kernels.slice_kv_heads(k, v, kv_slice)
+    kernel = splash_kernel(q.shape[2], q.shape[1], causal, interpret)
+    return splash_local(kernel, q, k, v, q_segment_ids, kv_segment_ids, scale)

@@ -31,15 +31,14 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
+from lt_jax.model import kernels
 from lt_jax.model import sharding as shd
+from lt_jax.model.kernels import MASK_VALUE, make_mask, xla_attention
 
 Strategy = Literal["ring", "all_gather"]
 Kernel = Literal["xla", "splash"]
 
 AXIS = "context"
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # as attention.py: finite, so no NaN
 
 
 def choose(impl: str, backend: str, local_len: int) -> tuple[Strategy, Kernel]:
@@ -78,14 +77,15 @@ def context_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_po
     ids_spec = shd.mesh_spec(("act_batch", "act_seq"), mesh)
     if q_spec[1] != AXIS:
         raise ValueError(f"the act_seq rule must map to {AXIS!r} alone on a context mesh, got {q_spec[1]!r}")
-    kv_spec, kv_slice = _kv_head_layout(k.shape[2], q_spec, kv_spec, mesh)
+    kv_spec, kv_slice = kernels.kv_head_layout(k.shape[2], q_spec, kv_spec, mesh)
     local = functools.partial(
         _local, n=n, causal=causal, scale=scale, strategy=strategy, kernel=kernel, kv_slice=kv_slice
     )
     args = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     specs = (q_spec, kv_spec, kv_spec, ids_spec, ids_spec, ids_spec, ids_spec)
     if kernel == "splash":
-        splash = _splash_kernel(q.shape[2] // _axes_size(mesh, q_spec[2]), q.shape[1], n, causal, interpret)
+        heads = q.shape[2] // shd.axes_size(mesh, q_spec[2])
+        splash = kernels.splash_kernel(heads, q.shape[1], causal, interpret, shards=n)
         kernel_spec = splash.manual_sharding_spec(
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, AXIS))
         )
@@ -93,32 +93,9 @@ def context_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_po
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
-def _axes_size(mesh, axes) -> int:
-    if axes is None:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
-
-
-def _kv_head_layout(num_kv_heads: int, q_spec, kv_spec, mesh):
-    """(kv spec, kv_slice): when kv heads do not divide over the head axis (4 kv heads, tensor 8),
-    k/v stay replicated over it and each device slices the one kv head its q heads read."""
-    head_axes = q_spec[2]
-    shards = _axes_size(mesh, head_axes)
-    if num_kv_heads % shards == 0:
-        return kv_spec, None
-    if shards % num_kv_heads:
-        raise ValueError(f"num_kv_heads {num_kv_heads} and the {head_axes} axis ({shards}) must divide one another")
-    spec = jax.sharding.PartitionSpec(kv_spec[0], kv_spec[1], None, kv_spec[3])
-    return spec, (head_axes, shards // num_kv_heads)
-
-
 def _local(q, k, v, qs, ks, qp, kp, splash=None, *, n, causal, scale, strategy, kernel, kv_slice):
     """One device's block: q [b, S/c, hq, d] and its k/v [b, S/c, hkv, d] (ids [b, S/c])."""
-    if kv_slice is not None:
-        axes, shards_per_kv = kv_slice
-        idx = jax.lax.axis_index(axes) // shards_per_kv
-        k = jax.lax.dynamic_slice_in_dim(k, idx, 1, axis=2)
-        v = jax.lax.dynamic_slice_in_dim(v, idx, 1, axis=2)
+    k, v = kernels.slice_kv_heads(k, v, kv_slice)
     if strategy == "ring":
         if kernel != "xla":
             raise ValueError(f"the ring strategy runs the XLA kernel, got kernel={kernel!r}")
@@ -128,11 +105,9 @@ def _local(q, k, v, qs, ks, qp, kp, splash=None, *, n, causal, scale, strategy, 
     gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, axis=1, tiled=True)
     k, v, ks, kp = gather(k), gather(v), gather(ks), gather(kp)
     if kernel == "xla":
-        from lt_jax.model.attention import xla_attention
-
         return xla_attention(q, k, v, qs, ks, qp, kp, causal, scale)
     if kernel == "splash":
-        return _splash_local(splash, q, k, v, qs, ks, scale)
+        return kernels.splash_local(splash, q, k, v, qs, ks, scale)
     raise ValueError(f"unknown context-parallel kernel {kernel!r}; use xla or splash")
 
 
@@ -147,10 +122,8 @@ def _block_stats(stats, q, k, v, qs, ks, qp, kp, *, causal, scale):
     nkv = k.shape[2]
     qg = q.reshape(b, s, nkv, nq // nkv, d)
     logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
-    mask = qs[:, :, None] == ks[:, None, :]
-    if causal:
-        mask &= kp[:, None, :] <= qp[:, :, None]
-    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    mask = make_mask(qs, ks, qp, kp, causal)
+    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
     # A block with no visible key leaves m at the mask value and adds junk weighted exp(0); the
     # first visible key (every query sees itself) rescales that junk by exp(mask - real) = 0.
@@ -166,7 +139,7 @@ def _ring(q, k, v, qs, ks, qp, kp, *, n, causal, scale):
     nkv = k.shape[2]
     g = nq // nkv
     stats = (
-        jnp.full((b, nkv, g, s), _MASK_VALUE, jnp.float32),
+        jnp.full((b, nkv, g, s), MASK_VALUE, jnp.float32),
         jnp.zeros((b, nkv, g, s), jnp.float32),
         jnp.zeros((b, nkv, g, s, d), jnp.float32),
     )
@@ -185,41 +158,6 @@ def _ring(q, k, v, qs, ks, qp, kp, *, n, causal, scale):
     m, l, acc = fold(stats, q, *block[:2], qs, block[2], qp, block[3])
     out = acc / l[..., None]  # [b, nkv, g, s, d]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, s, nq, d).astype(q.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# All-gather + splash (TPU)
-
-
-@functools.lru_cache(maxsize=16)
-def _splash_kernel(num_heads: int, seq_len: int, shards: int, causal: bool, interpret: bool):
-    """Splash over the whole row, built for `shards` query shards (one per context device)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-    one = sm.CausalMask((seq_len, seq_len)) if causal else sm.FullMask((seq_len, seq_len))
-    block = min(512, seq_len // shards)
-    sizes = sk.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block,
-        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-        block_q_dq=block, block_kv_dq=block,
-    )
-    return sk.make_splash_mha(
-        sm.MultiHeadMask([one] * num_heads), block_sizes=sizes, head_shards=1, q_seq_shards=shards,
-        interpret=interpret,
-    )
-
-
-def _splash_local(kernel, q, k, v, qs, ks, scale):
-    """Local queries [b, S/c, hq, d] against the gathered row k/v [b, S, hkv, d]."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-
-    def one(q1, k1, v1, s1, t1):
-        out = kernel((q1 * scale).swapaxes(0, 1), k1.swapaxes(0, 1), v1.swapaxes(0, 1),
-                     segment_ids=sk.SegmentIds(q=s1, kv=t1))
-        return out.swapaxes(0, 1)
-
-    return jax.vmap(one)(q, k, v, qs, ks).astype(q.dtype)
 
 
 __all__ = ["context_attention", "choose", "AXIS"]

@@ -290,6 +290,13 @@ def shard_activation(x: jax.Array, logical_axes: Sequence[Optional[str]], rules=
     return jax.lax.with_sharding_constraint(x, restrict_spec(logical_to_spec(logical_axes, rules), mesh.axis_names))
 
 
+def axes_size(mesh, axes) -> int:
+    """Product of the sizes of mesh `axes` (a name, a tuple of names, or None for 1)."""
+    if axes is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
 def axis_size(mesh, name: str) -> int:
     """Size of mesh axis `name`, 1 when the mesh lacks it (or there is no mesh)."""
     if mesh is None or name not in mesh.axis_names:

@@ -78,10 +78,10 @@ def _check_vocab(source, model_config, path: str) -> None:
 
 
 def _check_batch(cfg: RunConfig, mesh, batch_sharding) -> None:
-    import math
+    from lt_jax.model import sharding as shd
 
     axes = batch_sharding.spec[0] or ()
-    shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    shards = shd.axes_size(mesh, axes)
     micro = cfg.train.global_batch // cfg.train.grad_accum
     if micro % shards:
         raise ValueError(
