@@ -30,19 +30,6 @@ import sys
 import tempfile
 import time
 
-# dense bf16 peak TFLOP/s per device, matched against jax's device_kind (first match wins)
-PEAK_TFLOPS = (
-    ("H200", 989.0),
-    ("H100", 989.0),
-    ("A100", 312.0),
-    ("v6", 918.0),  # "TPU v6 lite" (Trillium, v6e)
-    ("v5 lite", 197.0),  # v5e
-    ("v5p", 459.0),
-    ("TPU v5", 459.0),
-    ("v4", 275.0),
-)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value (applied after --model-config)")
@@ -53,37 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--docs-per-row", type=int, default=1, help="packed documents per row (segment ids)")
-    p.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device in TFLOP/s (needed on CPU)")
+    p.add_argument("--peak-tflops", help="peak FLOP/s per device in TFLOP/s, or 'auto' to measure a matmul (needed on CPU)")
     p.add_argument("--cpu-devices", type=int, help="virtual CPU devices (sets XLA_FLAGS before jax starts)")
     p.add_argument("--compare-torch", action="store_true", help="also time transformers fwd+bwd (CPU, fp32)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--pin-cpus", type=int, help="pin this process (XLA and torch alike) to its first N allowed CPUs; "
                    "with --torch-threads 1 and --pin-cpus 1 both run single-threaded on one core")
     return p.parse_args(argv)
-
-
-def load_model_config(path, overrides):
-    """ModelConfig from an optional YAML (plain or under `model:`) plus key=value overrides."""
-    from lt_jax import config as cfglib
-    from lt_jax.model.config import ModelConfig
-
-    data = cfglib.load_yaml(path) if path else {}
-    if isinstance(data.get("model"), dict):
-        data = data["model"]
-    data = cfglib.merge(data, cfglib.parse_overrides(overrides))
-    return cfglib.from_dict(ModelConfig, data)
-
-
-def parse_mesh(text: str):
-    from lt_jax.model.sharding import MeshConfig
-
-    fields = {}
-    for part in filter(None, text.split(",")):
-        key, _, value = part.partition("=")
-        if key not in ("data", "fsdp", "tensor") or not value:
-            raise SystemExit(f"--mesh: expected data=N,fsdp=N,tensor=N, got {part!r}")
-        fields[key] = int(value)
-    return MeshConfig(**fields)
 
 
 def flops_per_token(cfg, seq: int) -> dict[str, float]:
@@ -94,16 +57,6 @@ def flops_per_token(cfg, seq: int) -> dict[str, float]:
     attn_causal = 6 * L * seq * q
     return {"n_matmul_params": n_mm, "matmul": 6 * n_mm, "attention": attn_causal,
             "total": 6 * n_mm + attn_causal, "total_noncausal": 6 * n_mm + 2 * attn_causal}
-
-
-def peak_flops(device, flag):
-    if flag:
-        return flag * 1e12
-    kind = getattr(device, "device_kind", "")
-    for key, tflops in PEAK_TFLOPS:
-        if key.lower() in kind.lower():
-            return tflops * 1e12
-    return None
 
 
 def make_batch(cfg, batch: int, seq: int, docs: int, seed: int = 0):
@@ -233,13 +186,14 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
 
+    from bench_common import load_model_config, peak_flops
     from lt_jax.model import sharding as shd
     from lt_jax.model.transformer import init_model
 
     cfg = load_model_config(args.model_config, args.overrides)
     if args.compare_torch and args.docs_per_row != 1:
         raise SystemExit("--compare-torch times unpacked rows; use --docs-per-row 1")
-    mesh = shd.make_mesh(parse_mesh(args.mesh))
+    mesh = shd.make_mesh(shd.parse_mesh(args.mesh))
     devices = mesh.devices.size
     flops = flops_per_token(cfg, args.seq)
     peak = peak_flops(jax.devices()[0], args.peak_tflops)

@@ -67,20 +67,6 @@ def write_data(folder: str, n: int) -> str:
     return folder
 
 
-def measured_peak() -> float:
-    """FLOP/s of a 2048^3 fp32 matmul on the default device."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(5):
-        f(a).block_until_ready()
-    return 5 * 2 * 2048**3 / (time.perf_counter() - t)
-
-
 def bench_trainer(cfg, steps: int, warmup: int, peak) -> dict:
     import jax
 
@@ -103,7 +89,6 @@ def bench_trainer(cfg, steps: int, warmup: int, peak) -> dict:
     run.loader.close()
     run.checkpointer.close()
     devices = jax.device_count()
-    peak = peak or metrics.peak_flops_per_device(jax.devices()[0].device_kind)
     return {"tokens_per_s": tokens / elapsed, "per_device": tokens / elapsed / devices, "step_s": elapsed / steps,
             "mfu": flops / elapsed / (devices * peak) if peak else None, "params": run.model_config.num_params(),
             "peak_gib": metrics.peak_memory_gib(jax.devices()[0])}
@@ -134,19 +119,16 @@ def main(argv=None) -> int:
         overrides = [f"data.train={data}", f"train.output_dir={tmp}/run", "train.steps=1000000",
                      "checkpoint.every=1000000", "logging.tensorboard=false", "logging.jsonl=false", *args.overrides]
         cfg = load_run_config(args.config, overrides)
-        peak = None
-        if args.peak_tflops == "auto":
-            peak = measured_peak()
-        elif args.peak_tflops:
-            peak = float(args.peak_tflops) * 1e12
+        import jax
+        from bench_common import peak_flops
+
+        peak = peak_flops(jax.devices()[0], args.peak_tflops)
         t = bench_trainer(cfg, args.steps, args.warmup, peak)
         loader0 = bench_loader(data, cfg, args.loader_batches, 0)
         loaderw = bench_loader(data, cfg, args.loader_batches, args.workers)
-    import jax
-
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; model {t['params'] / 1e6:.2f}M params; "
           f"batch {cfg.train.global_batch} x {cfg.data.seq_len}")
-    if peak:
+    if peak and args.peak_tflops:
         print(f"peak used for MFU: {peak / 1e12:.3f} TFLOP/s per device ({'measured matmul' if args.peak_tflops == 'auto' else 'given'})")
     mfu = "n/a (no peak for this device; pass --peak-tflops)" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
     print(f"trainer : {t['tokens_per_s']:,.0f} tokens/s ({t['per_device']:,.0f}/device), {t['step_s']:.3f} s/step, MFU {mfu}")

@@ -55,25 +55,17 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def parse_mesh(text: str):
-    """'data=2,fsdp=-1' -> MeshConfig(data=2, fsdp=-1, tensor=1)."""
-    from lt_jax.config import ConfigError, from_dict
-    from lt_jax.model.sharding import MeshConfig
+def __getattr__(name: str):
+    # parse_mesh lives in lt_jax.model.sharding; still importable from here without importing jax early.
+    if name == "parse_mesh":
+        from lt_jax.model.sharding import parse_mesh
 
-    sizes = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ConfigError(f"--mesh: expected axis=size, got {part!r}")
-        try:
-            sizes[key.strip()] = int(value)
-        except ValueError:
-            raise ConfigError(f"--mesh: {key.strip()}: expected an integer, got {value!r}") from None
-    return from_dict(MeshConfig, sizes, prefix="--mesh")
+        return parse_mesh
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lt_jax.model.sharding import make_mesh
+    from lt_jax.model.sharding import make_mesh, parse_mesh
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lt_jax").setLevel(logging.INFO)
@@ -89,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _import(args, mesh) -> int:
     from lt_jax.model.hf import load_hf
-    from lt_jax.train.checkpoint import all_steps, save_model_checkpoint
+    from lt_jax.model.checkpoint_io import all_steps, save_model_checkpoint
 
     if args.step in all_steps(args.out):  # fail before reading a large model, not after
         raise FileExistsError(f"{args.out}: step {args.step} already exists; pick another --step or --out")
@@ -102,7 +94,7 @@ def _import(args, mesh) -> int:
 
 def _export(args, mesh) -> int:
     from lt_jax.model.hf import save_hf
-    from lt_jax.train.checkpoint import load_model_checkpoint
+    from lt_jax.model.checkpoint_io import load_model_checkpoint
 
     model = load_model_checkpoint(args.checkpoint, step=args.step, mesh=mesh)
     files = save_hf(

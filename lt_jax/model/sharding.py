@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lt_jax.config import ConfigError, from_dict
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")  # every mesh has these
 # Every axis a mesh may have, outermost (slowest links) first: mesh_utils lays the last axes onto
 # the nearest chips, so tensor and context (one collective per layer each) get the fastest links.
@@ -288,6 +290,20 @@ def shard_activation(x: jax.Array, logical_axes: Sequence[Optional[str]], rules=
         return x
     rules = rules_for(mesh.axis_names) if rules is None else rules
     return jax.lax.with_sharding_constraint(x, restrict_spec(logical_to_spec(logical_axes, rules), mesh.axis_names))
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """'data=2,fsdp=-1' (a --mesh flag) -> MeshConfig(data=2, fsdp=-1, tensor=1); errors name the flag."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--mesh: expected axis=size, got {part!r}")
+        try:
+            sizes[key.strip()] = int(value)
+        except ValueError:
+            raise ConfigError(f"--mesh: {key.strip()}: expected an integer, got {value!r}") from None
+    return from_dict(MeshConfig, sizes, prefix="--mesh")
 
 
 def axes_size(mesh, axes) -> int:
