@@ -19,6 +19,11 @@ import yaml
 
 T = TypeVar("T")
 
+# The one list of a pipeline YAML's top-level sections that belong to stages other than training:
+# the pipeline writes the first five to per-stage config files; `lt-jax train` ignores them all.
+STAGE_SECTIONS: tuple[str, ...] = ("synthetic", "distill", "grade", "select", "eval")
+OTHER_STAGE_SECTIONS: tuple[str, ...] = STAGE_SECTIONS + ("tokenize", "serve", "export", "import", "demo")
+
 
 class ConfigError(ValueError):
     """A config key is unknown, missing or has a value of the wrong type or range."""

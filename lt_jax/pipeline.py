@@ -48,7 +48,7 @@ class DemoConfig:
 
 
 # Top-level sections written to per-stage YAML files (`--config`) for the stage commands.
-STAGE_SECTIONS = ("synthetic", "distill", "grade", "select", "eval")
+STAGE_SECTIONS = config_lib.STAGE_SECTIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from lt_jax.data import packing
+from lt_jax.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class LoaderOptions:
     max_segments: Optional[int] = None  # the model's cuDNN segment ceiling: rows hold at most this - 1 documents
 
     @classmethod
-    def from_data_config(cls, data, global_batch: int, **kw) -> "LoaderOptions":
+    def from_data_config(cls, data: DataConfig, global_batch: int, **kw) -> "LoaderOptions":
+        """Options for the `data:` section of a run config; `kw` sets the fields it does not hold."""
         return cls(
             seq_len=data.seq_len, global_batch=global_batch, seed=data.seed, shuffle=data.shuffle,
             packing=data.packing, pack_window=data.pack_window, overlength=data.overlength,

@@ -23,48 +23,17 @@ from typing import Any, Literal, Optional, Sequence
 
 from lt_jax import config as config_lib
 from lt_jax.config import ConfigError
+from lt_jax.data.config import DataConfig  # noqa: F401  (re-exported: the data stage owns it)
 from lt_jax.model.config import ModelConfig
 from lt_jax.model.sharding import MeshConfig
 
 # Top-level YAML sections owned by other stages; `lt-jax train` ignores them.
-OTHER_STAGE_SECTIONS: tuple[str, ...] = (
-    "synthetic", "distill", "grade", "select", "tokenize", "eval", "serve", "export", "import", "demo",
-)
+OTHER_STAGE_SECTIONS = config_lib.OTHER_STAGE_SECTIONS
 
 # ModelConfig fields that do not change parameter shapes: a run may override them on an imported model.
 RUNTIME_MODEL_FIELDS: tuple[str, ...] = ("param_dtype", "compute_dtype", "remat", "attention", "max_segments")
 
 DType = Literal["float32", "bfloat16"]
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The Grain loader: what to read and how to pack it (see lt_jax/data/loader.py)."""
-
-    train: str = ""  # folder written by `lt-jax tokenize` (local or gs://)
-    eval: Optional[str] = None  # held-out tokenized folder; None: no eval loss
-    seq_len: int = 512
-    packing: Literal["best_fit", "first_fit"] = "best_fit"
-    pack_window: int = 1024  # examples considered together when filling rows
-    overlength: Literal["drop", "truncate"] = "drop"  # examples longer than seq_len
-    shuffle: bool = True
-    seed: int = 0
-    pad_id: int = 0
-    worker_count: int = 0  # grain worker processes per host (0: read in the training process)
-    read_threads: int = 4  # threads per reader assembling batches
-    prefetch: int = 2  # batches buffered ahead per reader
-    eval_batches: Optional[int] = None  # None: the whole eval set
-
-    def __post_init__(self):
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        for name in ("pack_window", "read_threads", "prefetch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.worker_count < 0:
-            raise ValueError(f"worker_count must be >= 0, got {self.worker_count}")
-        if self.eval_batches is not None and self.eval_batches < 1:
-            raise ValueError(f"eval_batches must be >= 1 or null (all), got {self.eval_batches}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,16 +71,4 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process when `flag` is True on any (a tiny all-gather; cheap next to a step)."""
-    import jax
-
-    if jax.process_count() == 1:
-        return flag
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag], dtype=np.int32))))
-
-
-__all__ = ["initialize", "multiprocess_environment", "is_primary", "any_process"]
+__all__ = ["initialize", "multiprocess_environment", "is_primary"]

@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+from token_data import random_data  # noqa: F401  (a fixture shared with tests/train)
 
 # The eval sets shipped in lt_jax/eval/data with the field that holds their problem text.
 BENCHMARKS = {

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import RuleBackend, judge_reply, reference_answers
+from eval_stubs import RuleBackend, judge_reply, reference_answers
 
 from lt_jax import cli
 from lt_jax.eval import benchmarks

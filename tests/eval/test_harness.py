@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from conftest import CoinGenerator, LookupGenerator, reference_answers
+from eval_stubs import CoinGenerator, LookupGenerator, reference_answers
 
 from lt_jax.data import jsonl
 from lt_jax.eval import benchmarks, harness

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import RuleBackend, judge_reply
+from eval_stubs import RuleBackend, judge_reply
 
 from lt_jax.eval import benchmarks, harness, judge
 from lt_jax.eval.generators import EndpointConfig, EndpointError, OpenAIGenerator

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import token_data
 from lt_jax.data import loader as loader_lib
 from lt_jax.data import packing
 from lt_jax.data.source import TokenizedSource
@@ -86,12 +87,12 @@ def test_worker_processes_give_the_same_stream(random_data):
         np.testing.assert_array_equal(want["segment_ids"], have["segment_ids"])
 
 
-def test_state_from_other_data_or_settings_is_refused(random_data, helpers, tmp_path):
+def test_state_from_other_data_or_settings_is_refused(random_data, tmp_path):
     source = TokenizedSource(random_data.path)
     state = loader_lib.Loader(source, options()).get_state()
     with pytest.raises(ValueError, match=r"seq_len: 128 -> 64"):
         loader_lib.Loader(source, options(seq_len=64), state=state)
-    other = helpers.write_tokenized(str(tmp_path / "other"), helpers.random_records(150, seed=8))
+    other = token_data.write_tokenized(str(tmp_path / "other"), token_data.random_records(150, seed=8))
     with pytest.raises(ValueError, match="lengths_sha256"):
         loader_lib.Loader(TokenizedSource(other), options(), state=state)
 
