@@ -40,7 +40,16 @@ def register_verifier(domain: str, fn: Verifier, *, overwrite: bool = False) -> 
     _REGISTRY[domain] = fn
 
 
+# Domains whose verifier lives in its own module, imported (and so registered) on first use.
+_MODULES = {"code": "lt_jax.data.code_verify", "science": "lt_jax.data.judge_verify", "other": "lt_jax.data.judge_verify",
+            "multi_turn": "lt_jax.data.judge_verify", "instruction_following": "lt_jax.data.ifeval"}
+
+
 def get_verifier(domain: str) -> Verifier:
+    if domain not in _REGISTRY and domain in _MODULES:
+        import importlib
+
+        importlib.import_module(_MODULES[domain])
     try:
         return _REGISTRY[domain]
     except KeyError:
@@ -48,7 +57,7 @@ def get_verifier(domain: str) -> Verifier:
 
 
 def domains() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_MODULES))
 
 
 # ---------------------------------------------------------------------------------------------
