@@ -34,7 +34,9 @@ import time
 from collections import Counter, defaultdict
 from typing import Any, Iterable, Iterator, Literal
 
-from lt_jax.data import formats, jsonl
+from lt_jax.data import formats, jsonl, verify
+from lt_jax.data.code_verify import CodeVerifyConfig
+from lt_jax.data.judge_verify import JudgeVerifyConfig
 from lt_jax.data.jsonl import DropLog
 
 GRADE_FIELDS = ("verdict", "extracted_answer", "score", "domain", "response_tokens")
@@ -42,10 +44,16 @@ GRADE_FIELDS = ("verdict", "extracted_answer", "score", "domain", "response_toke
 
 @dataclasses.dataclass(frozen=True)
 class GradeConfig:
-    """How to grade. A response passes when its score >= pass_threshold."""
+    """How to grade. A response passes when its score is above its domain's threshold
+    (`lt_jax.data.verify.passes`: DeepDistill's per-domain values unless `pass_thresholds` or
+    `pass_threshold`, which applies to every domain, say otherwise). `code` and `judge` configure
+    the code sandbox and the judge endpoint for the domains that use them."""
 
     domain: str = "math"
-    pass_threshold: float = 0.9
+    pass_threshold: float | None = None
+    pass_thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+    code: CodeVerifyConfig = CodeVerifyConfig()
+    judge: JudgeVerifyConfig = JudgeVerifyConfig()
     tokenizer: str | None = None
     workers: int = 1
     policy: Literal["skip", "strict"] = "skip"
@@ -55,12 +63,15 @@ class GradeConfig:
     verify_timeout_s: int = 5
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.pass_threshold <= 1.0:
-            raise ValueError(f"pass_threshold must be in (0, 1], got {self.pass_threshold}")
+        verify.check_thresholds(self.thresholds(), "pass_thresholds")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.layout != "auto" and self.layout not in formats.LAYOUTS:
             raise ValueError(f"layout must be auto or one of {formats.LAYOUTS}, got {self.layout!r}")
+
+    def thresholds(self) -> dict[str, float]:
+        """Per-domain overrides for `verify.passes` ("*": every domain)."""
+        return ({} if self.pass_threshold is None else {"*": self.pass_threshold}) | dict(self.pass_thresholds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,11 +144,14 @@ def _load_tokenizer(path: str | None) -> Any:
     return AutoTokenizer.from_pretrained(local)
 
 
-def _init_worker(tokenizer_path: str | None, parse_timeout_s: int, verify_timeout_s: int) -> None:
+def _init_worker(tokenizer_path: str | None, parse_timeout_s: int, verify_timeout_s: int,
+                 code: CodeVerifyConfig = CodeVerifyConfig(), judge: JudgeVerifyConfig = JudgeVerifyConfig()) -> None:
     global _TOKENIZER
-    from lt_jax.data import verify
+    from lt_jax.data import code_verify, judge_verify
 
     verify.MATH_OPTIONS = verify.MathVerifyOptions(parse_timeout_s, verify_timeout_s)
+    code_verify.CODE_OPTIONS = code
+    judge_verify.configure(judge)
     _TOKENIZER = _load_tokenizer(tokenizer_path)
 
 
@@ -147,14 +161,12 @@ def _count_tokens(text: str) -> int:
     return len(_TOKENIZER(text, add_special_tokens=False)["input_ids"])
 
 
-def grade_work(work: _Work, pass_threshold: float) -> dict[str, Any]:
+def grade_work(work: _Work, thresholds: dict[str, float]) -> dict[str, Any]:
     """Verifies one response (answer part only) and returns its graded row."""
-    from lt_jax.data import verify
-
     verdict = verify.get_verifier(work.domain)(work.answer, work.reference, work.base)
     row = dict(work.base)
     row.update(
-        verdict=verdict.score >= pass_threshold,
+        verdict=verify.passes(verdict.score, work.domain, thresholds),
         extracted_answer=verdict.extracted,
         score=float(verdict.score),
         domain=work.domain,
@@ -165,7 +177,7 @@ def grade_work(work: _Work, pass_threshold: float) -> dict[str, Any]:
     return row
 
 
-def _grade_star(args: tuple[_Work, float]) -> dict[str, Any]:
+def _grade_star(args: tuple[_Work, dict[str, float]]) -> dict[str, Any]:
     return grade_work(*args)
 
 
@@ -262,14 +274,12 @@ def _work_items(path: str, cfg: GradeConfig, summary: GradeSummary, done: set) -
 
 def grade_file(in_path: str, out_path: str, cfg: GradeConfig, stats_path: str | None = None, progress: bool = False) -> GradeSummary:
     """Grades `in_path` into `out_path` (resuming), then writes per-problem stats."""
-    from lt_jax.data import verify
-
     verify.get_verifier(cfg.domain)  # fail fast on an unknown default domain
     start = time.time()
     summary = GradeSummary()
     done = done_keys(out_path)
-    items = ((w, cfg.pass_threshold) for w in _work_items(in_path, cfg, summary, done))
-    init = (cfg.tokenizer, cfg.parse_timeout_s, cfg.verify_timeout_s)
+    items = ((w, cfg.thresholds()) for w in _work_items(in_path, cfg, summary, done))
+    init = (cfg.tokenizer, cfg.parse_timeout_s, cfg.verify_timeout_s, cfg.code, cfg.judge)
     with jsonl.JsonlWriter(out_path, resume=True) as writer:
         for row in _run(items, cfg.workers, init, progress):
             writer.write(row)
@@ -282,7 +292,7 @@ def grade_file(in_path: str, out_path: str, cfg: GradeConfig, stats_path: str | 
     return summary
 
 
-def _run(items: Iterator[tuple[_Work, float]], workers: int, init: tuple, progress: bool) -> Iterator[dict[str, Any]]:
+def _run(items: Iterator[tuple[_Work, dict[str, float]]], workers: int, init: tuple, progress: bool) -> Iterator[dict[str, Any]]:
     from tqdm import tqdm
 
     bar = tqdm(desc="grade", unit="resp", disable=not progress, file=sys.stderr)
