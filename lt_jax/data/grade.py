@@ -18,8 +18,9 @@ appears only inside the thinking scores 0), and append the response record plus
 - `response_tokens` counts the assistant text as trained ("<think>..</think>" + answer) with the
   given tokenizer, or whitespace-separated words when none is given.
 - Stats per problem (written after grading, from the whole graded file): n, passes,
-  pass_rate = passes / n, mean_score, cv = population std / mean of the scores, with cv := 0.0
-  when the mean score is 0 (no sample scored; such problems carry no signal and stage I drops
+  pass_rate = passes / n, mean_score, cv = sample std (n - 1 in the denominator, as DeepDistill's
+  worked example [.9, .1, .7, .3, .5] -> 0.63 implies) / mean of the scores, with cv := 0.0 for a
+  single sample or when the mean score is 0 (no sample scored; such problems carry no signal and stage I drops
   them), and mean_response_tokens.
 """
 
@@ -81,13 +82,14 @@ class GradeConfig:
 def problem_stats(scores: list[float], verdicts: list[bool], tokens: list[int] | None = None) -> dict[str, Any]:
     """n, passes, pass_rate, mean_score, cv, mean_response_tokens for one problem's samples.
 
-    cv = population std / mean of `scores`; defined as 0.0 when the mean is 0.
+    cv = sample std / mean of `scores` (DeepDistill: [.9, .1, .7, .3, .5] -> 0.632); 0.0 when the
+    mean is 0 or there is one sample.
     """
     n = len(scores)
     if n == 0:
         raise ValueError("problem_stats needs at least one sample")
     mean = sum(scores) / n
-    cv = statistics.pstdev(scores) / mean if mean > 0 else 0.0
+    cv = statistics.stdev(scores) / mean if mean > 0 and n > 1 else 0.0
     passes = sum(bool(v) for v in verdicts)
     out = {"n": n, "passes": passes, "pass_rate": passes / n, "mean_score": mean, "cv": cv}
     out["mean_response_tokens"] = (sum(tokens) / len(tokens)) if tokens else None

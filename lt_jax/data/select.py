@@ -16,22 +16,32 @@ Rules, in the order a response meets them (its first failing rule is its reason)
  4. response level: truncated (finish_reason "length", or thinking with no answer after it, as an
     unclosed <think> leaves), length bounds;
  5. problem statistics over ALL its graded samples: stage I drops problems no sample passes
-    ("unsolved"), then the pass-rate band; problems whose CV exceeds `cv_threshold` keep only
-    passing responses; `only_passing` applies that to every problem;
+    ("unsolved"), then the pass-rate band; problems whose CV exceeds their domain's CV threshold
+    (`cv_thresholds`, else `cv_threshold`) keep only passing responses; `only_passing` applies that
+    to every problem. With `easy_rule: deepdistill` the other problems (CV at or under the
+    threshold: "easy") are kept with probability `easy_keep_probability` in `easy_keep_domains`
+    (other, multi_turn) and dropped in the rest, the coin drawn per problem from `seed`;
  6. cap per problem (passing responses first, then by sample_index);
- 7. stage II (`stage: 2`): the `stage2_count` (or `stage2_fraction`) highest-CV problems, one
-    passing response each (ties: lower pass rate, then input order).
+ 7. stage II (`stage: 2`): among problems whose CV is above their threshold, the `stage2_count` (or
+    `stage2_fraction`) highest-CV ones, one passing response each drawn with `seed` (ties: lower
+    pass rate, then input order).
+
+A response passes as graded (its `verdict`), unless `pass_thresholds` is set: then its score is
+re-judged with `lt_jax.data.verify.passes` and those per-domain thresholds. The report counts
+records and problems in, out and dropped per reason for each domain too (`by_domain`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import random
 import sys
 from collections import Counter, defaultdict
 from typing import Any, Iterator, Literal
 
 from lt_jax.config import ConfigError
-from lt_jax.data import dedup, formats, jsonl
+from lt_jax.data import dedup, formats, jsonl, verify
 from lt_jax.data.grade import problem_key, problem_stats, whitespace_tokens
 from lt_jax.data.jsonl import DropLog
 
@@ -44,6 +54,12 @@ class SelectConfig:
 
     drop_unsolved: bool = True
     cv_threshold: float | None = 0.05
+    cv_thresholds: dict[str, float] = dataclasses.field(default_factory=dict)  # per domain
+    pass_thresholds: dict[str, float] = dataclasses.field(default_factory=dict)  # per domain; "*": all
+    easy_rule: Literal["keep", "deepdistill"] = "keep"
+    easy_keep_probability: float = 0.5
+    easy_keep_domains: tuple[str, ...] = ("other", "multi_turn")
+    seed: int = 0
     only_passing: bool = False
     min_pass_rate: float = 0.0
     max_pass_rate: float = 1.0
@@ -88,6 +104,11 @@ class SelectConfig:
             raise ValueError(f"near_threshold must be in (0, 1], got {self.near_threshold}")
         if self.cv_threshold is not None and self.cv_threshold < 0:
             raise ValueError(f"cv_threshold must be >= 0 or null, got {self.cv_threshold}")
+        if any(not isinstance(v, (int, float)) or v < 0 for v in self.cv_thresholds.values()):
+            raise ValueError(f"cv_thresholds values must be numbers >= 0, got {self.cv_thresholds}")
+        verify.check_thresholds(self.pass_thresholds, "pass_thresholds")
+        if not 0.0 <= self.easy_keep_probability <= 1.0:
+            raise ValueError(f"easy_keep_probability must be in [0, 1], got {self.easy_keep_probability}")
         if self.layout != "auto" and self.layout not in formats.LAYOUTS:
             raise ValueError(f"layout must be auto or one of {formats.LAYOUTS}, got {self.layout!r}")
 
@@ -104,6 +125,7 @@ class Candidate:
     chars: int = 0
     truncated: bool = False
     failed: bool = False
+    domain: str = "math"
 
 
 @dataclasses.dataclass
@@ -132,6 +154,9 @@ def plan(cands: list[Candidate], cfg: SelectConfig, decontaminator: dedup.Decont
     live = _problem_filters(out, live, problems, cfg, decontaminator)
     live = [c for c in live if not _response_filter(out, c, cfg)]
     if cfg.graded:
+        if cfg.pass_thresholds:
+            cands = [_rejudged(c, cfg) for c in cands]
+            live = [_rejudged(c, cfg) for c in live]
         out.stats = _stats(cands)
         live = _grade_filters(out, live, cfg)
     live = _cap(out, live, cfg)
@@ -194,26 +219,58 @@ def _response_filter(out: Plan, c: Candidate, cfg: SelectConfig) -> bool:
     return any(_drop(out, c, r, bool(cond)) for r, cond in checks if cond)
 
 
+def _rejudged(c: Candidate, cfg: SelectConfig) -> Candidate:
+    if c.score is None:
+        return c
+    return dataclasses.replace(c, verdict=verify.passes(c.score, c.domain, cfg.pass_thresholds))
+
+
 def _stats(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[Candidate]] = defaultdict(list)
     for c in cands:
         if not c.failed:
             groups[c.key[0]].append(c)
-    return {pid: problem_stats([c.score or 0.0 for c in g], [bool(c.verdict) for c in g], [c.tokens for c in g]) for pid, g in groups.items()}
+    out = {}
+    for pid, g in groups.items():
+        st = problem_stats([c.score or 0.0 for c in g], [bool(c.verdict) for c in g], [c.tokens for c in g])
+        out[pid] = {**st, "domain": g[0].domain}
+    return out
+
+
+def cv_threshold_for(domain: str, cfg: SelectConfig) -> float | None:
+    return float(cfg.cv_thresholds[domain]) if domain in cfg.cv_thresholds else cfg.cv_threshold
+
+
+def coin(seed: int, problem_id: str) -> float:
+    """A uniform [0, 1) draw fixed by (seed, problem): the same whatever the input order or size."""
+    digest = hashlib.blake2b(f"{seed}/{problem_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def _easy_verdict(pid: str, domain: str, cfg: SelectConfig) -> str | None:
+    """DeepDistill stage I for a low-CV problem: None (keep) or the drop reason."""
+    if domain in cfg.easy_keep_domains:
+        return None if coin(cfg.seed, pid) < cfg.easy_keep_probability else "easy_query_coin"
+    return "easy_query"
 
 
 def _grade_filters(out: Plan, cands: list[Candidate], cfg: SelectConfig) -> list[Candidate]:
     keep = []
     for c in cands:
         st = out.stats[c.key[0]]
+        cv_t = cv_threshold_for(c.domain, cfg)
+        hard = cv_t is not None and st["cv"] > cv_t
+        easy_drop = _easy_verdict(c.key[0], c.domain, cfg) if cfg.easy_rule == "deepdistill" and cv_t is not None and not hard else None
         if cfg.drop_unsolved and st["passes"] == 0:
             _drop(out, c, "unsolved")
         elif st["pass_rate"] < cfg.min_pass_rate:
             _drop(out, c, "pass_rate_below_band")
         elif st["pass_rate"] > cfg.max_pass_rate:
             _drop(out, c, "pass_rate_above_band")
-        elif not c.verdict and cfg.cv_threshold is not None and st["cv"] > cfg.cv_threshold:
+        elif not c.verdict and hard:
             _drop(out, c, "failing_response_high_cv")
+        elif easy_drop:
+            _drop(out, c, easy_drop)
         elif not c.verdict and cfg.only_passing:
             _drop(out, c, "failing_response")
         else:
@@ -235,15 +292,19 @@ def _cap(out: Plan, cands: list[Candidate], cfg: SelectConfig) -> list[Candidate
 
 
 def _stage2(out: Plan, cands: list[Candidate], cfg: SelectConfig) -> list[Candidate]:
-    first_pass: dict[str, Candidate] = {}
+    passing: dict[str, list[Candidate]] = defaultdict(list)
     order: dict[str, int] = {}
     for c in cands:
         order.setdefault(c.key[0], len(order))
-        if c.verdict and (c.key[0] not in first_pass or c.key[1] < first_pass[c.key[0]].key[1]):
-            first_pass[c.key[0]] = c
-    ranked = sorted(first_pass, key=lambda p: (-out.stats[p]["cv"], out.stats[p]["pass_rate"], order[p]))
+        cv_t = cv_threshold_for(c.domain, cfg)
+        if c.verdict and (cv_t is None or out.stats[c.key[0]]["cv"] > cv_t):
+            passing[c.key[0]].append(c)
+    ranked = sorted(passing, key=lambda p: (-out.stats[p]["cv"], out.stats[p]["pass_rate"], order[p]))
     n = cfg.stage2_count if cfg.stage2_count is not None else max(1, round(cfg.stage2_fraction * len(order)))
-    chosen = {first_pass[p].key for p in ranked[:n]}
+    chosen = set()
+    for p in ranked[:n]:  # one random passing response, reproducible per (seed, problem)
+        group = sorted(passing[p], key=lambda c: c.key[1])
+        chosen.add(random.Random(f"{cfg.seed}/{p}").choice(group).key)
     return [c for c in cands if not _drop(out, c, "not_in_stage2", c.key not in chosen)]
 
 
@@ -278,6 +339,7 @@ def candidate(key: tuple[str, int], rec: formats.Record) -> Candidate:
         chars=len(text),
         truncated=raw.get("finish_reason") == "length" or (rec.thinking is not None and not rec.answer.strip()),
         failed=rec.meta.get("status") == "failed",
+        domain=str(raw.get("domain") or "math"),
     )
 
 
@@ -342,8 +404,27 @@ def select_file(in_path: str, out_path: str, cfg: SelectConfig, report_path: str
     )
     n_out = jsonl.write_jsonl(out_path, rows)
     report = _report(in_path, out_path, cfg, result, drops, superseded, n_records, n_out, decon)
+    report["by_domain"] = by_domain(cands, result)
     jsonl.write_json(report_path or default_report_path(out_path), report)
     return report
+
+
+def by_domain(cands: list[Candidate], result: Plan) -> dict[str, dict[str, Any]]:
+    """Records and problems in / out and drops per reason, for each domain (they add up per domain)."""
+    out: dict[str, dict[str, Any]] = {}
+    kept = set(result.kept)
+    for c in cands:
+        d = out.setdefault(c.domain, {"records_in": 0, "records_out": 0, "dropped": Counter(), "problems_in": set(),
+                                      "problems_out": set()})
+        d["records_in"] += 1
+        d["problems_in"].add(c.key[0])
+        if c.key in kept:
+            d["records_out"] += 1
+            d["problems_out"].add(c.key[0])
+        else:
+            d["dropped"][result.dropped[c.key]] += 1
+    return {dom: {**d, "dropped": dict(sorted(d["dropped"].items())), "problems_in": len(d["problems_in"]),
+                  "problems_out": len(d["problems_out"])} for dom, d in sorted(out.items())}
 
 
 def default_report_path(out_path: str) -> str:
@@ -384,6 +465,9 @@ def print_report(report: dict[str, Any], file=None) -> None:
       f"problems {report['problems_in']} -> {report['problems_out']}")
     for reason, n in report["dropped"].items():
         p(f"  dropped {reason}: {n}")
+    if len(report.get("by_domain", {})) > 1:
+        for dom, d in report["by_domain"].items():
+            p(f"  {dom}: {d['records_in']} in, {d['records_out']} out, problems {d['problems_in']} -> {d['problems_out']}")
     con = report["contamination"]
     if not con["benchmark_items"]:
         p("  decontamination: none (pass --decontam PATH[:FIELD] to check against eval sets)")
