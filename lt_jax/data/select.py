@@ -14,7 +14,10 @@ Rules, in the order a response meets them (its first failing rule is its reason)
  3. exact, then near-duplicate problems (MinHash-LSH, Jaccard >= near_threshold): the first
     problem seen is kept; the prompt template every problem shares is stripped before comparing;
  4. response level: truncated (finish_reason "length", or thinking with no answer after it, as an
-    unclosed <think> leaves), length bounds;
+    unclosed <think> leaves), length bounds, then DeepDistill's quality filters
+    (lt_jax.data.quality): an odd number of turns, no thinking (`require_thinking`), a 20-gram
+    repeated more than 20 times (`max_ngram_repeats`), query+answer perplexity above
+    `max_perplexity` (read from the `perplexity` field `lt-jax perplexity` adds);
  5. problem statistics over ALL its graded samples: stage I drops problems no sample passes
     ("unsolved"), then the pass-rate band; problems whose CV exceeds their domain's CV threshold
     (`cv_thresholds`, else `cv_threshold`) keep only passing responses; `only_passing` applies that
@@ -41,7 +44,7 @@ from collections import Counter, defaultdict
 from typing import Any, Iterator, Literal
 
 from lt_jax.config import ConfigError
-from lt_jax.data import dedup, formats, jsonl, verify
+from lt_jax.data import dedup, formats, jsonl, quality, verify
 from lt_jax.data.grade import problem_key, problem_stats, whitespace_tokens
 from lt_jax.data.jsonl import DropLog
 
@@ -72,6 +75,11 @@ class SelectConfig:
     max_chars: int | None = None
     min_tokens: int | None = None
     max_tokens: int | None = None
+    max_ngram_repeats: int | None = 20  # drop when some repeat_ngram-gram occurs more often than this
+    repeat_ngram: int = 20
+    even_turns: bool = True
+    require_thinking: bool = False
+    max_perplexity: float | None = None
     dedup_exact: bool = True
     dedup_near: bool = True
     near_threshold: float = 0.85
@@ -126,6 +134,10 @@ class Candidate:
     truncated: bool = False
     failed: bool = False
     domain: str = "math"
+    ngram_repeats: int = 0
+    turns: int = 2
+    has_thinking: bool = True
+    perplexity: float | None = None
 
 
 @dataclasses.dataclass
@@ -215,6 +227,10 @@ def _response_filter(out: Plan, c: Candidate, cfg: SelectConfig) -> bool:
         ("too_long", cfg.max_chars is not None and c.chars > cfg.max_chars),
         ("too_short", cfg.min_tokens is not None and c.tokens < cfg.min_tokens),
         ("too_long", cfg.max_tokens is not None and c.tokens > cfg.max_tokens),
+        ("odd_turns", cfg.even_turns and c.turns % 2 == 1),
+        ("no_thinking", cfg.require_thinking and not c.has_thinking),
+        ("repeated_ngram", cfg.max_ngram_repeats is not None and c.ngram_repeats > cfg.max_ngram_repeats),
+        ("high_perplexity", cfg.max_perplexity is not None and c.perplexity is not None and c.perplexity > cfg.max_perplexity),
     )
     return any(_drop(out, c, r, bool(cond)) for r, cond in checks if cond)
 
@@ -325,9 +341,10 @@ def keyed_records(path: str, cfg: SelectConfig, drops: DropLog | None, policy: s
         yield key, rec
 
 
-def candidate(key: tuple[str, int], rec: formats.Record) -> Candidate:
+def candidate(key: tuple[str, int], rec: formats.Record, ngram: int = 20) -> Candidate:
     raw = rec.raw or {}
     text = rec.assistant_text()
+    ppl = raw.get("perplexity")
     verdict = raw.get("verdict") if isinstance(raw.get("verdict"), bool) else None
     score = raw.get("score")
     return Candidate(
@@ -340,6 +357,10 @@ def candidate(key: tuple[str, int], rec: formats.Record) -> Candidate:
         truncated=raw.get("finish_reason") == "length" or (rec.thinking is not None and not rec.answer.strip()),
         failed=rec.meta.get("status") == "failed",
         domain=str(raw.get("domain") or "math"),
+        ngram_repeats=quality.max_ngram_count(quality.text_tokens(text), ngram),
+        turns=quality.turn_count(rec.messages),
+        has_thinking=quality.has_thinking_and_answer(rec.thinking, rec.answer),
+        perplexity=float(ppl) if isinstance(ppl, (int, float)) else None,
     )
 
 
@@ -376,7 +397,7 @@ def _read_candidates(path: str, cfg: SelectConfig, drops: DropLog) -> tuple[dict
         n += 1
         if key in cands:
             superseded += 1
-        cands[key] = candidate(key, rec)
+        cands[key] = candidate(key, rec, cfg.repeat_ngram)
         where[key] = (rec.file, rec.line)
     return cands, where, superseded, n
 
@@ -391,6 +412,11 @@ def select_file(in_path: str, out_path: str, cfg: SelectConfig, report_path: str
         if ungraded:
             raise ConfigError(f"{in_path}: {ungraded} of {len(cands)} records have no verdict; run `lt-jax grade` first, "
                              "or pass graded=false to select without the pass-rate / CV rules")
+    if cfg.max_perplexity is not None:
+        missing = sum(1 for c in cands if c.perplexity is None and not c.failed)
+        if missing:
+            raise ConfigError(f"{in_path}: {missing} of {len(cands)} records have no perplexity; run `lt-jax perplexity` "
+                              "first, or leave max_perplexity unset")
     decon = None
     if cfg.decontam:
         items = [it for spec in cfg.decontam for it in dedup.load_benchmark(spec)]
