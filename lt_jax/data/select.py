@@ -10,7 +10,8 @@ JSON) gives records in, out and dropped per reason, and these always add up.
 Rules, in the order a response meets them (its first failing rule is its reason):
  1. bad input rows (counted by the reader), failed generations, superseded duplicates of a pair;
  2. decontamination (problem level): exact match after normalisation or a shared 13-gram with an
-    eval item; each hit reported with the benchmark item it matched;
+    eval item, and with `decontam_embedder` (an encoder folder, e.g. bge-m3) cosine similarity above
+    `decontam_cosine` (lt_jax.data.embed_decontam); each hit reported with the item it matched;
  3. exact, then near-duplicate problems (MinHash-LSH, Jaccard >= near_threshold): the first
     problem seen is kept; the prompt template every problem shares is stripped before comparing;
  4. response level: truncated (finish_reason "length", or thinking with no answer after it, as an
@@ -89,6 +90,9 @@ class SelectConfig:
     decontam: tuple[str, ...] = ()
     decontam_ngram: int = 13
     decontam_boilerplate: int = 3
+    decontam_embedder: str | None = None
+    decontam_cosine: float = 0.9
+    decontam_pooling: Literal["cls", "mean"] = "cls"
     system_prompt: str | None = None
     graded: bool = True
     policy: Literal["skip", "strict"] = "skip"
@@ -115,6 +119,8 @@ class SelectConfig:
         if any(not isinstance(v, (int, float)) or v < 0 for v in self.cv_thresholds.values()):
             raise ValueError(f"cv_thresholds values must be numbers >= 0, got {self.cv_thresholds}")
         verify.check_thresholds(self.pass_thresholds, "pass_thresholds")
+        if not 0.0 < self.decontam_cosine <= 1.0:
+            raise ValueError(f"decontam_cosine must be in (0, 1], got {self.decontam_cosine}")
         if not 0.0 <= self.easy_keep_probability <= 1.0:
             raise ValueError(f"easy_keep_probability must be in [0, 1], got {self.easy_keep_probability}")
         if self.layout != "auto" and self.layout not in formats.LAYOUTS:
@@ -158,12 +164,14 @@ class Plan:
 # Planning (pure)
 
 
-def plan(cands: list[Candidate], cfg: SelectConfig, decontaminator: dedup.Decontaminator | None = None) -> Plan:
-    """Decides keep / drop-with-reason for every candidate (keys must be unique)."""
+def plan(cands: list[Candidate], cfg: SelectConfig, decontaminator: dedup.Decontaminator | None = None,
+         embedding_hits: dict[str, dict[str, Any]] | None = None) -> Plan:
+    """Decides keep / drop-with-reason for every candidate (keys must be unique); `embedding_hits`:
+    problem id -> eval item its embedding matched (see lt_jax.data.embed_decontam)."""
     out = Plan()
     live = [c for c in cands if not _drop(out, c, "failed_generation", c.failed)]
     problems = _problem_texts(live, cfg)
-    live = _problem_filters(out, live, problems, cfg, decontaminator)
+    live = _problem_filters(out, live, problems, cfg, decontaminator, embedding_hits or {})
     live = [c for c in live if not _response_filter(out, c, cfg)]
     if cfg.graded:
         if cfg.pass_thresholds:
@@ -194,7 +202,8 @@ def _problem_texts(cands: list[Candidate], cfg: SelectConfig) -> dict[str, str]:
     return dict(zip(pids, values))
 
 
-def _problem_filters(out: Plan, cands: list[Candidate], stripped: dict[str, str], cfg: SelectConfig, decon: dedup.Decontaminator | None) -> list[Candidate]:
+def _problem_filters(out: Plan, cands: list[Candidate], stripped: dict[str, str], cfg: SelectConfig,
+                     decon: dedup.Decontaminator | None, embedded: dict[str, dict[str, Any]]) -> list[Candidate]:
     reason: dict[str, str] = {}
     full = {}
     for c in cands:
@@ -203,9 +212,10 @@ def _problem_filters(out: Plan, cands: list[Candidate], stripped: dict[str, str]
     near = dedup.NearDuplicates(cfg.near_threshold, cfg.near_ngram, cfg.num_perm) if cfg.dedup_near else None
     for pid, text in stripped.items():
         hit = decon.check(text, full[pid]) if decon is not None else None
-        if hit is not None:
+        found = hit.to_dict() if hit is not None else embedded.get(pid)
+        if found is not None:
             reason[pid] = "contaminated"
-            out.contamination.append({"problem_id": pid, **hit.to_dict(), "problem": full[pid][:300]})
+            out.contamination.append({"problem_id": pid, **found, "problem": full[pid][:300]})
             continue
         key = dedup.exact_key(text)
         if cfg.dedup_exact and key in seen:
@@ -417,11 +427,15 @@ def select_file(in_path: str, out_path: str, cfg: SelectConfig, report_path: str
         if missing:
             raise ConfigError(f"{in_path}: {missing} of {len(cands)} records have no perplexity; run `lt-jax perplexity` "
                               "first, or leave max_perplexity unset")
-    decon = None
+    decon, embedded = None, None
     if cfg.decontam:
         items = [it for spec in cfg.decontam for it in dedup.load_benchmark(spec)]
         decon = dedup.Decontaminator(items, cfg.decontam_ngram, cfg.decontam_boilerplate)
-    result = plan(cands, cfg, decon)
+        if cfg.decontam_embedder:
+            embedded = _embedding_hits(cands, items, cfg)
+    elif cfg.decontam_embedder:
+        raise ConfigError("decontam_embedder needs eval sets to compare with: pass --decontam PATH[:FIELD]")
+    result = plan(cands, cfg, decon, embedded)
     kept = set(result.kept)
     rows = (
         sft_row(key, rec, result.stats.get(key[0]), cfg)
@@ -451,6 +465,16 @@ def by_domain(cands: list[Candidate], result: Plan) -> dict[str, dict[str, Any]]
             d["dropped"][result.dropped[c.key]] += 1
     return {dom: {**d, "dropped": dict(sorted(d["dropped"].items())), "problems_in": len(d["problems_in"]),
                   "problems_out": len(d["problems_out"])} for dom, d in sorted(out.items())}
+
+
+def _embedding_hits(cands: list[Candidate], items: list, cfg: SelectConfig) -> dict[str, dict[str, Any]]:
+    from lt_jax.data import embed_decontam as ed
+
+    texts: dict[str, str] = {}
+    for c in cands:
+        texts.setdefault(c.key[0], c.problem)
+    embedder = ed.Embedder(ed.EmbedderConfig(cfg.decontam_embedder, cfg.decontam_pooling))
+    return ed.EmbeddingIndex(items, embedder, cfg.decontam_cosine).hits(texts)
 
 
 def default_report_path(out_path: str) -> str:
