@@ -165,6 +165,14 @@ def run_job(files: dict[str, str], steps: list[Step], cfg: SandboxConfig = Sandb
     return [StepResult(**r) for r in data["results"]]
 
 
+def available(cfg: SandboxConfig = SandboxConfig()) -> bool:
+    """Whether this machine can run the sandbox (Linux namespaces: root, or unprivileged user namespaces)."""
+    try:
+        return run_job({}, [Step(("/bin/true",))], cfg)[0].ok
+    except (SandboxError, OSError):
+        return False
+
+
 def _world_executable(path: str) -> bool:
     path = os.path.realpath(path)
     parts = path.split(os.sep)

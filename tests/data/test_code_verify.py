@@ -17,14 +17,7 @@ FAST = code_verify.CodeVerifyConfig(sandbox=sandbox.SandboxConfig(run=sandbox.Li
                                                                                       output_bytes=1 << 16)))
 
 
-def _available() -> bool:
-    try:
-        return sandbox.run_job({}, [sandbox.Step(("/bin/true",))])[0].ok
-    except sandbox.SandboxError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _available(), reason="no Linux namespaces for the sandbox here")
+pytestmark = pytest.mark.skipif(not sandbox.available(), reason="no Linux namespaces for the sandbox here")
 
 
 def py(code: str) -> str:
