@@ -33,9 +33,8 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def isolate(tmpfs_mb: int) -> None:
+def isolate(tmpfs_mb: int, root: bool) -> None:
     """Namespaces and private tmpfs mounts for this process and everything it starts."""
-    root = os.geteuid() == 0
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | (0 if root else CLONE_NEWUSER)
     _check(LIBC.unshare(flags), "unshare")
@@ -142,9 +141,11 @@ def run_step(step: dict, uid: int | None, index: int) -> dict:
             "output_capped": flooded or sig == signal.SIGXFSZ, "stderr": stderr[-2000:]}
 
 
-def init(job: dict) -> list[dict]:
-    """PID 1 of the sandbox: writes the files, runs the steps in order, cleans up after each."""
-    uid = job["uid"] if os.geteuid() == 0 and os.getuid() == 0 and job.get("uid") is not None else None
+def init(job: dict, root: bool) -> list[dict]:
+    """PID 1 of the sandbox: writes the files, runs the steps in order, cleans up after each.
+    `root`: started by real root (then steps drop to the job's uid; else a user namespace's root,
+    which has only its own uid mapped, runs them)."""
+    uid = job["uid"] if root and job.get("uid") is not None else None
     os.makedirs(WORK, mode=0o755)
     os.makedirs(IO, mode=0o700)
     for name, text in job["files"].items():
@@ -164,14 +165,15 @@ def init(job: dict) -> list[dict]:
 
 def main() -> None:
     job = json.loads(sys.stdin.read())
-    isolate(job["tmpfs_mb"])
+    root = os.geteuid() == 0  # decided before a user namespace makes everyone root
+    isolate(job["tmpfs_mb"], root)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # PID 1 of the new namespace
         os.close(r)
         LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         try:
-            out = {"results": init(job)}
+            out = {"results": init(job, root)}
         except BaseException as e:  # noqa: BLE001
             out = {"error": f"{type(e).__name__}: {e}"}
         with os.fdopen(w, "w") as f:

@@ -138,8 +138,26 @@ def test_registered_for_grading(tmp_path, jl):
              "domain": "code", "tests": ADD} for k, r in enumerate([good, py("print(3)"), "I refuse."])]
     src = jl.write(tmp_path / "responses.jsonl", rows)
     out = str(tmp_path / "graded.jsonl")
-    grade_mod.grade_file(src, out, grade_mod.GradeConfig(domain="math"))
+    grade_mod.grade_file(src, out, grade_mod.GradeConfig(domain="math", workers=2))  # processes share the uid pool
     got = {r["sample_index"]: r for r in jl.read(out)}
     assert [got[k]["score"] for k in range(3)] == [1.0, 0.25, 0.0]
     assert [got[k]["verdict"] for k in range(3)] == [True, False, False]
     assert get_verifier("code") is code_verify.code_verifier
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root to start the sandbox as an unprivileged user")
+def test_unprivileged_user_gets_a_user_namespace_instead():
+    import subprocess
+
+    probe = "import os, socket\nprint(os.getuid())\ntry:\n    socket.create_connection(('127.0.0.1', 22), timeout=1)\n" \
+            "except OSError as e:\n    print(e.errno)\n"
+    job = {"files": {"m.py": probe}, "tmpfs_mb": 16, "uid": 61000,
+           "steps": [{"argv": ["/usr/bin/python3", "-I", "m.py"], "stdin": "", "wall_s": 5,
+                      "limits": sandbox.Limits(processes=4096).to_job()}]}
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-I", "-S",
+                          sandbox.INIT], input=json.dumps(job), capture_output=True, text=True, timeout=60)
+    result = json.loads(out.stdout)
+    if "error" in result:
+        pytest.skip(f"no unprivileged user namespaces here: {result['error']}")
+    assert result["results"][0]["stdout"].split() == ["0", "101"]  # root of its own namespace; ENETUNREACH
