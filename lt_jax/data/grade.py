@@ -300,9 +300,12 @@ def _run(items: Iterator[tuple[_Work, dict[str, float]]], workers: int, init: tu
     bar = tqdm(desc="grade", unit="resp", disable=not progress, file=sys.stderr)
     if workers == 1:
         _init_worker(*init)
-        for item in items:
-            bar.update()
-            yield _grade_star(item)
+        try:
+            for item in items:
+                bar.update()
+                yield _grade_star(item)
+        finally:  # this process's verifiers back to their defaults (the math re-check unregistered)
+            _init_worker(None, 5, 5)
     else:
         import multiprocessing as mp
 

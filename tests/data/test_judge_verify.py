@@ -105,6 +105,7 @@ def test_grading_with_judges_caches_and_counts_unparsable(tmp_path, jl, judge_se
     tmp_out = str(tmp_path / "graded_again.jsonl")
     grade.grade_file(src, tmp_out, gcfg)  # a fresh output: every judge call comes from the cache
     assert stub.requests == 8 and jl.read(tmp_out) == jl.read(out)
+    assert verify.get_verifier("math") is verify.math_verifier  # the re-check ends with the grade run
 
 
 def test_judge_outage_resumes_without_duplicates(tmp_path, jl, judge_server):
