@@ -20,7 +20,7 @@ import time
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
 PR_SET_PDEATHSIG = 1
 LIBC = ctypes.CDLL(None, use_errno=True)
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
@@ -146,6 +146,8 @@ def init(job: dict, root: bool) -> list[dict]:
     `root`: started by real root (then steps drop to the job's uid; else a user namespace's root,
     which has only its own uid mapped, runs them)."""
     uid = job["uid"] if root and job.get("uid") is not None else None
+    # A /proc of this PID namespace only: the steps cannot list the host's processes.
+    _check(LIBC.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")
     os.makedirs(WORK, mode=0o755)
     os.makedirs(IO, mode=0o700)
     for name, text in job["files"].items():

@@ -6,9 +6,10 @@ separate process in its own session and process group. What is enforced (Linux):
 
 - no network: a new network namespace with no interface up (loopback included), so nothing on
   this machine or beyond can be reached, abstract Unix sockets included;
-- no lasting processes: a new PID namespace whose PID 1 kills every other process after each step,
-  and dies (taking the namespace with it) when its parent does; a wall clock per step kills the step,
-  and one for the whole job kills the outer process group;
+- no lasting processes: a new PID namespace (with its own /proc, so no view of the host's processes)
+  whose PID 1 kills every other process after each step, and dies (taking the namespace with it)
+  when its parent does; a wall clock per step kills the step, and one for the whole job kills the
+  outer process group;
 - as root: each step runs under an unprivileged uid drawn from a pool of `slots` uids (one per
   concurrent sandbox, claimed with a file lock), so RLIMIT_NPROC caps its processes (a fork bomb
   hits the cap instead of the machine) and the filesystem is read-only to it except the scratch;
@@ -72,7 +73,7 @@ COMPILE_LIMITS = Limits(cpu_s=30.0, wall_s=60.0, memory_mb=4096, processes=32, o
 class SandboxConfig:
     run: Limits = Limits()
     compile: Limits = COMPILE_LIMITS
-    tmpfs_mb: int = 128
+    tmpfs_mb: int = 64  # each of the four scratch mounts; memory-backed, freed when the job ends
     base_uid: int = 61000  # uids base_uid .. base_uid + slots - 1 must belong to no one
     slots: int = 64  # concurrent sandboxes on this machine (more callers wait for a free slot)
     slot_dir: str = os.path.join(tempfile.gettempdir(), "lt_jax_sandbox_slots")

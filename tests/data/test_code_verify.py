@@ -106,6 +106,9 @@ def test_escape_attempts_escapes_nothing(tmp_path):
                 "open('mine.txt', 'w').write('ok')\nprint(3)")
     assert grade(writer, tests=ADD[:1]).score == 1.0  # writing into its own scratch is fine
     assert not target.exists() and not os.path.exists(home)
+    peek = code_verify.run_tests("python", "import os\nprint(len([p for p in os.listdir('/proc') if p.isdigit()]))",
+                                 [code_verify.TestCase(input="", output="2")], FAST)
+    assert peek == (1, ["passed"])  # its /proc shows PID 1 and itself, not the host's processes
 
 
 def test_hundreds_in_parallel_leak_nothing():
