@@ -13,19 +13,35 @@ lives in lt_jax.data.perplexity.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Hashable, Sequence
+
+import numpy as np
+
+
+_P = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2**64
+_Q = pow(_P, -1, 2**64)
 
 
 def max_ngram_count(tokens: Sequence[Hashable], n: int = 20) -> int:
-    """How often the most frequent n-gram of `tokens` occurs (0 when there are fewer than n tokens)."""
+    """How often the most frequent n-gram of `tokens` occurs (0 when there are fewer than n tokens).
+
+    Windows are compared by a 64-bit polynomial hash computed for all of them at once (numpy,
+    wrapping uint64 arithmetic): a 32k-token response takes about a millisecond, where hashing
+    32k tuples of 20 took tens. A false match needs a 64-bit collision.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    if len(tokens) < n:
+    count = len(tokens)
+    if count < n:
         return 0
-    # Hash each window once: a 32k-token response has 32k windows of 20 tokens.
-    counts = Counter(hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1))
-    return max(counts.values())
+    ids = np.fromiter((hash(t) for t in tokens), dtype=np.int64, count=count).view(np.uint64)
+    with np.errstate(over="ignore"):
+        q_pow = np.cumprod(np.full(count, _Q, np.uint64)) * np.uint64(_P)  # Q**i (starts at Q**0 = 1)
+        p_pow = np.cumprod(np.full(count, _P, np.uint64)) * np.uint64(_Q)  # P**i
+        prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(ids * q_pow, dtype=np.uint64)])
+        # sum_k t_k Q**k over a window, times P**(its last index): sum_j t_(i+j) P**(n-1-j), whatever i is
+        windows = (prefix[n:] - prefix[:-n]) * p_pow[n - 1 :]
+    return int(np.unique(windows, return_counts=True)[1].max())
 
 
 def text_tokens(text: str) -> list[str]:

@@ -128,3 +128,14 @@ def test_packed_perplexity_matches_transformers(tmp_path_factory, jl):
         with torch.no_grad():
             loss = model(ids, labels=ids).loss.item()
         assert n == ids.shape[1] - 1 and ppl == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_ngram_count_matches_counting_tuples():
+    from collections import Counter
+
+    rng = random.Random(0)
+    for _ in range(200):  # tiny alphabets: many repeats and overlapping windows
+        toks = [rng.choice("abc") for _ in range(rng.randrange(0, 150))]
+        n = rng.randrange(1, 25)
+        expected = max(Counter(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)).values()) if len(toks) >= n else 0
+        assert quality.max_ngram_count(toks, n) == expected
