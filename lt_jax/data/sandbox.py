@@ -76,7 +76,7 @@ class SandboxConfig:
     tmpfs_mb: int = 64  # each of the four scratch mounts; memory-backed, freed when the job ends
     base_uid: int = 61000  # uids base_uid .. base_uid + slots - 1 must belong to no one
     slots: int = 64  # concurrent sandboxes on this machine (more callers wait for a free slot)
-    slot_dir: str = os.path.join(tempfile.gettempdir(), "lt_jax_sandbox_slots")
+    slot_dir: str = os.path.join(tempfile.gettempdir(), f"lt_jax_sandbox_slots.{os.getuid()}")
     overhead_s: float = 20.0  # outer wall-clock slack on top of the steps' own limits
 
     def __post_init__(self) -> None:
