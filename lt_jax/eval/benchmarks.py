@@ -29,7 +29,10 @@ from lt_jax import storage
 Kind = Literal["math", "simpleqa", "safety", "sycophancy", "multiple_choice", "code"]
 KINDS: tuple[str, ...] = ("math", "simpleqa", "safety", "sycophancy", "multiple_choice", "code")
 # Fields a file row of these kinds carries besides id / problem / answer.
-KIND_FIELDS: dict[str, tuple[str, ...]] = {"multiple_choice": ("choices",), "code": ("tests", "language")}
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "multiple_choice": ("choices", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"),  # GPQA's columns
+    "code": ("tests", "language"),
+}
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 

@@ -1,7 +1,9 @@
 """Multiple-choice benchmarks (GPQA-style): choices shuffled by seed, the letter read after the thinking.
 
 A file row holds the question (`problem`, or the field map's), its `choices` (a list of strings) and
-the `answer`: the correct choice's text, its 0-based index, or its letter in the listed order. When
+the `answer`: the correct choice's text, its 0-based index, or its letter in the listed order. GPQA's
+own rows work as they are: `--field "problem=Question,answer=Correct Answer"`, and the choices are
+the answer plus the "Incorrect Answer 1-3" columns. When
 the benchmark is loaded, each item's choices are shuffled with a generator seeded by (seed, item id)
 (as simple-evals does for GPQA, so the correct option is not always first), lettered A, B, C, ...,
 and the question becomes the prompt below; the reference is the correct option's new letter.
@@ -20,6 +22,7 @@ from typing import Any, Sequence
 
 from lt_jax.eval.benchmarks import Benchmark, BenchmarkError, Item
 
+GPQA_WRONG = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 PROMPT = ("Answer the multiple-choice question below. Think it through, then finish with a line of the form "
           "\"Answer: X\", where X is the letter of the one correct option ({letters}).\n\n{question}\n\n{options}")
 
@@ -41,6 +44,9 @@ def shuffled(bench: Benchmark, seed: int = 0) -> Benchmark:
     items = []
     for it in bench.items:
         choices = it.meta.get("choices")
+        wrong = [it.meta[k] for k in GPQA_WRONG if it.meta.get(k) not in (None, "")]
+        if choices is None and wrong:
+            choices = [it.answer, *wrong]
         where = f"{bench.source}: item {it.id}"
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, (str, int, float)) for c in choices):
             raise BenchmarkError(f"{where}: field 'choices' must be a list of at least two options")
@@ -53,7 +59,8 @@ def shuffled(bench: Benchmark, seed: int = 0) -> Benchmark:
         letters = string.ascii_uppercase[: len(choices)]
         options = "\n".join(f"{letters[k]}) {choices[j]}" for k, j in enumerate(order))
         problem = PROMPT.format(letters=", ".join(letters), question=it.problem, options=options)
-        meta = dict(it.meta) | {"choices": [choices[j] for j in order], "question": it.problem}
+        meta = {k: v for k, v in it.meta.items() if k not in GPQA_WRONG}
+        meta |= {"choices": [choices[j] for j in order], "question": it.problem}
         items.append(Item(it.id, problem, letters[order.index(right)], meta))
     return dataclasses.replace(bench, items=tuple(items))
 

@@ -49,6 +49,10 @@ def test_choices_shuffled_by_seed_and_reference_follows(tmp_path):
         assert it.meta["choices"][letter_index] == CORRECT_TEXT[it.id]
         assert f"{it.answer}) {CORRECT_TEXT[it.id]}" in it.problem and "Answer: X" in it.problem
     assert sorted(a.items[0].meta["choices"]) == sorted(QUESTIONS[0]["choices"])
+    gpqa = write(tmp_path, "gpqa.jsonl", [{"Question": "Noble gas?", "Correct Answer": "Argon", "Incorrect Answer 1": "Iron",
+                                           "Incorrect Answer 2": "Carbon", "Incorrect Answer 3": "Sodium"}])
+    g = benchmarks.load_benchmark(gpqa, kind="multiple_choice", fields="problem=Question,answer=Correct Answer").items[0]
+    assert sorted(g.meta["choices"]) == ["Argon", "Carbon", "Iron", "Sodium"] and g.meta["choices"][ord(g.answer) - 65] == "Argon"
     bad = write(tmp_path, "bad.jsonl", [dict(QUESTIONS[0], answer="Argon")])
     with pytest.raises(benchmarks.BenchmarkError, match="none of the 4 choices"):
         benchmarks.load_benchmark(bad, kind="multiple_choice")
