@@ -62,6 +62,27 @@ def bench_judge(n: int = 300) -> None:
             dt = time.perf_counter() - start
             assert replies == [5] * n
             print(f"judge {rnd}: {n / dt:8.1f} calls/s (one grading process, sequential calls)")
+        _bench_judged_grading(srv.url, tmp, n)
+
+
+def _bench_judged_grading(url: str, tmp: str, n: int) -> None:
+    """`lt-jax grade` over science responses: calls asked ahead `judge.concurrency` at a time."""
+    import json
+
+    from lt_jax.data import grade, judge_verify
+
+    src = os.path.join(tmp, "responses.jsonl")
+    with open(src, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"problem_id": f"p{i}", "sample_index": 0, "prompt": f"Q{i}", "response": f"A{i}",
+                                "reference_answer": f"A{i}", "status": "ok", "domain": "science"}) + "\n")
+    for conc in (1, 16, 64):
+        judge = judge_verify.JudgeVerifyConfig(base_url=url, model="stub", cache=os.path.join(tmp, f"g{conc}.sqlite"),
+                                               concurrency=conc)
+        start = time.perf_counter()
+        grade.grade_file(src, os.path.join(tmp, f"g{conc}.jsonl"), grade.GradeConfig(judge=judge))
+        dt = time.perf_counter() - start
+        print(f"judge via lt-jax grade, judge.concurrency={conc:2d}: {n / dt:7.1f} judged responses/s (one process)")
 
 
 def _tiny_model(folder: str, vocab: int) -> None:

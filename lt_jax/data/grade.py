@@ -280,7 +280,7 @@ def grade_file(in_path: str, out_path: str, cfg: GradeConfig, stats_path: str | 
     start = time.time()
     summary = GradeSummary()
     done = done_keys(out_path)
-    items = ((w, cfg.thresholds()) for w in _work_items(in_path, cfg, summary, done))
+    items = ((w, cfg.thresholds()) for w in _prefetched(_work_items(in_path, cfg, summary, done), cfg.judge))
     init = (cfg.tokenizer, cfg.parse_timeout_s, cfg.verify_timeout_s, cfg.code, cfg.judge)
     with jsonl.JsonlWriter(out_path, resume=True) as writer:
         for row in _run(items, cfg.workers, init, progress):
@@ -292,6 +292,24 @@ def grade_file(in_path: str, out_path: str, cfg: GradeConfig, stats_path: str | 
     write_stats(out_path, stats_path or default_stats_path(out_path))
     summary.seconds = time.time() - start
     return summary
+
+
+def _prefetched(works: Iterator[_Work], judge: JudgeVerifyConfig) -> Iterator[_Work]:
+    """The works unchanged; chunk by chunk, their judge calls are first asked concurrently into the cache."""
+    from lt_jax.data import judge_verify
+
+    if not judge.configured:
+        yield from works
+        return
+    chunk: list[_Work] = []
+    for w in works:
+        chunk.append(w)
+        if len(chunk) == 8 * judge.concurrency:
+            judge_verify.prefetch([(c.domain, c.answer, c.reference, c.base) for c in chunk], judge)
+            yield from chunk
+            chunk = []
+    judge_verify.prefetch([(c.domain, c.answer, c.reference, c.base) for c in chunk], judge)
+    yield from chunk
 
 
 def _run(items: Iterator[tuple[_Work, dict[str, float]]], workers: int, init: tuple, progress: bool) -> Iterator[dict[str, Any]]:

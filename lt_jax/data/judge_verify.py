@@ -52,6 +52,7 @@ class JudgeVerifyConfig:
     math_recheck: bool = False
     temperature: float = 0.0
     max_tokens: int = 1024
+    concurrency: int = 16  # science / other calls asked ahead, at once, per grading process
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     timeout_s: float = 300.0
@@ -62,8 +63,8 @@ class JudgeVerifyConfig:
     prompt_dir: str | None = None  # a folder with math_recheck.txt / science_similarity.txt / reward.txt
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1 or self.temperature < 0:
-            raise ValueError("judge.max_tokens must be >= 1 and judge.temperature >= 0")
+        if self.max_tokens < 1 or self.temperature < 0 or self.concurrency < 1:
+            raise ValueError("judge.max_tokens and judge.concurrency must be >= 1, judge.temperature >= 0")
 
     @property
     def configured(self) -> bool:
@@ -75,7 +76,7 @@ class JudgeVerifyConfig:
 
         return DistillConfig(
             input="", output="", base_url=str(self.base_url), model=str(self.model), api_key_env=self.api_key_env,
-            concurrency=1, requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
+            concurrency=self.concurrency, requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
             timeout_s=self.timeout_s, max_retries=self.max_retries, backoff_initial_s=self.backoff_initial_s,
             backoff_max_s=self.backoff_max_s, progress=False)
 
@@ -169,48 +170,95 @@ class JudgeClient:
         self.calls = self.hits = 0
 
     def ask(self, prompt: str) -> str:
-        key = cache_key(self.cfg, prompt)
-        cached = self.cache.get(key)
+        cached = self.cache.get(cache_key(self.cfg, prompt))
         if cached is not None:
             self.hits += 1
             return cached
+        return self.loop.run_until_complete(self._fetch(prompt))
+
+    def ask_many(self, prompts: list[str]) -> None:
+        """Asks the prompts not yet cached, `concurrency` at a time, into the cache."""
+        todo = sorted({p for p in prompts if self.cache.get(cache_key(self.cfg, p)) is None})
+        if not todo:
+            return
+        gate = asyncio.Semaphore(self.cfg.concurrency)
+
+        async def one(p: str) -> None:
+            async with gate:
+                await self._fetch(p)
+
+        async def run_all() -> None:
+            tasks = [asyncio.ensure_future(one(p)) for p in todo]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:  # an outage: stop the rest now, or a later call on this loop would resume them
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+        self.loop.run_until_complete(run_all())
+
+    async def _fetch(self, prompt: str) -> str:
         params = {"temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
-        out, outcome = self.loop.run_until_complete(self.teacher.request(prompt, params))
+        out, outcome = await self.teacher.request(prompt, params)
         if outcome["status"] != "ok":
             raise JudgeUnavailable(f"judge {self.cfg.base_url} ({self.cfg.model}) failed after {outcome['attempts']} "
                                    f"attempts: {outcome['error']}; rerun to resume (answered calls are cached)")
         self.calls += 1
         reply = out["response"] or ""
-        self.cache.put(key, str(self.cfg.model), reply)
+        self.cache.put(cache_key(self.cfg, prompt), str(self.cfg.model), reply)
         return reply
 
 
 CONFIG = JudgeVerifyConfig()
-_CLIENT: JudgeClient | None = None
+_CLIENTS: dict[JudgeVerifyConfig, JudgeClient] = {}
 
 
 def configure(cfg: JudgeVerifyConfig) -> None:
     """Sets this process's judge (grading calls it in every worker) and the math re-check."""
-    global CONFIG, _CLIENT
-    CONFIG, _CLIENT = cfg, None
+    global CONFIG
+    CONFIG = cfg
     if cfg.math_recheck and not cfg.configured:
         raise ConfigError("judge.math_recheck needs judge.base_url and judge.model")
     register_verifier("math", math_rechecked if cfg.math_recheck else verify.math_verifier, overwrite=True)
 
 
-def client() -> JudgeClient:
-    global _CLIENT
-    if not CONFIG.configured:
+def client(cfg: JudgeVerifyConfig | None = None) -> JudgeClient:
+    """The process's client for `cfg` (default: the configured judge), made once."""
+    cfg = cfg or CONFIG
+    if not cfg.configured:
         raise ConfigError("this domain is judged by a model: set judge.base_url and judge.model "
                           "(grade overrides judge.base_url=... judge.model=...)")
-    if _CLIENT is None:
-        _CLIENT = JudgeClient(CONFIG)
-    return _CLIENT
+    if cfg not in _CLIENTS:
+        _CLIENTS[cfg] = JudgeClient(cfg)
+    return _CLIENTS[cfg]
 
 
-def load_prompt(name: str) -> str:
-    with open(os.path.join(CONFIG.prompt_dir or PROMPT_DIR, f"{name}.txt"), encoding="utf-8") as f:
+def load_prompt(name: str, prompt_dir: str | None = None) -> str:
+    with open(os.path.join(prompt_dir or PROMPT_DIR, f"{name}.txt"), encoding="utf-8") as f:
         return f.read()
+
+
+def judge_prompt(name: str, record: dict[str, Any], reference: str | None, answer: str, prompt_dir: str | None = None) -> str:
+    from lt_jax.eval.judge import fill
+
+    question = str(record.get("problem") or record.get("prompt") or "")
+    fields = {"question": question, "reference": reference or "", "response": answer}
+    return fill(load_prompt(name, prompt_dir), fields)
+
+
+# Domains whose one judge call can be asked before grading (the math re-check depends on math-verify).
+_PROMPT_OF = {"science": "science_similarity", "other": "reward", "multi_turn": "reward"}
+
+
+def prefetch(items: list[tuple[str, str, str | None, dict[str, Any]]], cfg: JudgeVerifyConfig) -> None:
+    """Asks the judge, `cfg.concurrency` at a time, what grading (domain, answer, reference, record)
+    items will ask one by one, so their verifiers find the replies in the (shared) cache."""
+    prompts = [judge_prompt(_PROMPT_OF[d], rec, ref, ans, cfg.prompt_dir) for d, ans, ref, rec in items
+               if d in _PROMPT_OF and (d != "science" or (ref is not None and str(ref).strip()))]
+    if prompts and cfg.configured:
+        client(cfg).ask_many(prompts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,10 +266,7 @@ def load_prompt(name: str) -> str:
 
 
 def _ask(name: str, record: dict[str, Any], reference: str | None, answer: str) -> str:
-    from lt_jax.eval.judge import fill
-
-    question = str(record.get("problem") or record.get("prompt") or "")
-    return client().ask(fill(load_prompt(name), {"question": question, "reference": reference or "", "response": answer}))
+    return client().ask(judge_prompt(name, record, reference, answer, CONFIG.prompt_dir))
 
 
 def science_verifier(answer_text: str, reference: str | None, record: dict[str, Any]) -> Verdict:

@@ -16,7 +16,7 @@ class StubJudge:
     name = "stub-judge"
 
     def __init__(self, fail_after: int | None = None):
-        self.fail_after, self.requests = fail_after, 0
+        self.fail_after, self.requests, self.largest_batch = fail_after, 0, 0
 
     def reply(self, prompt: str) -> str:
         response = prompt.rsplit("<<<", 1)[1].rsplit(">>>", 1)[0].strip()
@@ -31,6 +31,7 @@ class StubJudge:
         return "VERDICT: EQUIVALENT" if "one half" in response else "VERDICT: NOT_EQUIVALENT"  # math re-check
 
     def generate(self, requests):
+        self.largest_batch = max(self.largest_batch, len(requests))
         out = []
         for r in requests:
             self.requests += 1
@@ -45,8 +46,8 @@ class StubJudge:
 def judge_server():
     started = []
 
-    def start(backend):
-        srv = ServerThread(backend, ServerConfig(port=0)).start()
+    def start(backend, **server):
+        srv = ServerThread(backend, ServerConfig(port=0, **server)).start()
         started.append(srv)
         return srv.url
 
@@ -83,7 +84,7 @@ def rows(domain, items):
 
 def test_grading_with_judges_caches_and_counts_unparsable(tmp_path, jl, judge_server):
     stub = StubJudge()
-    url = judge_server(stub)
+    url = judge_server(stub, batch_window_ms=200)  # a wide window: calls sent together land in one batch
     data = rows("science", [("Why is the sky blue?", "<think>hmm</think>Rayleigh scattering", "Rayleigh scattering"),
                             ("What is H2O?", "water, mostly", "water and ice"), ("X?", "MALFORMED", "y")])
     data += rows("other", [("Plan a trip", "a thorough plan", None), ("Hi", "meh", None), ("Q", "MALFORMED!", None)])
@@ -102,6 +103,7 @@ def test_grading_with_judges_caches_and_counts_unparsable(tmp_path, jl, judge_se
     assert got["math1"]["grade_note"] == "judge: equivalent"
     assert summary.notes[judge_verify.UNPARSABLE] == 2
     assert stub.requests == 8  # science 3, other 3, math negatives 2 (math-verify settled the first)
+    assert stub.largest_batch > 1  # science / other calls were asked ahead, concurrently
     tmp_out = str(tmp_path / "graded_again.jsonl")
     grade.grade_file(src, tmp_out, gcfg)  # a fresh output: every judge call comes from the cache
     assert stub.requests == 8 and jl.read(tmp_out) == jl.read(out)
@@ -109,19 +111,19 @@ def test_grading_with_judges_caches_and_counts_unparsable(tmp_path, jl, judge_se
 
 
 def test_judge_outage_resumes_without_duplicates(tmp_path, jl, judge_server):
-    data = rows("science", [(f"Q{i}", f"answer {i}", f"answer {i}" if i % 2 else "other") for i in range(10)])
+    data = rows("science", [(f"Q{i}", f"answer {i}", f"answer {i}" if i % 2 else "other") for i in range(20)])
     src = jl.write(tmp_path / "responses.jsonl", data)
     out = str(tmp_path / "graded.jsonl")
-    down = StubJudge(fail_after=4)
+    down = StubJudge(fail_after=12)  # calls are asked ahead in chunks of 8 x concurrency (1 here)
     with pytest.raises(judge_verify.JudgeUnavailable, match="rerun to resume"):
-        grade.grade_file(src, out, grade.GradeConfig(judge=cfg(judge_server(down), tmp_path)))
-    assert len(jl.read(out)) == 4
+        grade.grade_file(src, out, grade.GradeConfig(judge=cfg(judge_server(down), tmp_path, concurrency=1)))
+    assert len(jl.read(out)) == 8  # the first chunk graded; the second's 4 answered calls are cached
     up = StubJudge()
-    grade.grade_file(src, out, grade.GradeConfig(judge=cfg(judge_server(up), tmp_path)))
+    grade.grade_file(src, out, grade.GradeConfig(judge=cfg(judge_server(up), tmp_path, concurrency=4)))
     graded = jl.read(out)
     assert sorted(r["problem_id"] for r in graded) == sorted(r["problem_id"] for r in data)  # no gaps, no duplicates
-    assert up.requests == 6
-    assert [r["score"] for r in sorted(graded, key=lambda r: int(r["problem_id"][7:]))] == [0.6, 1.0] * 5
+    assert up.requests == 20 - 12
+    assert [r["score"] for r in sorted(graded, key=lambda r: int(r["problem_id"][7:]))] == [0.6, 1.0] * 10
 
 
 def test_judged_domain_without_judge_is_a_config_error(tmp_path, jl):
