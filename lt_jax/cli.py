@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("synthetic", "lt_jax.data.synthetic", "the synthetic arithmetic long-thought task: problems, held-out split, teacher responses"),
     ("grade", "lt_jax.data.grade", "responses.jsonl -> graded.jsonl + per-problem pass rate / CV (resumable)"),
     ("select", "lt_jax.data.select", "graded.jsonl -> sft.jsonl: DeepDistill rules, length, dedup, decontamination, report"),
+    ("perplexity", "lt_jax.data.perplexity", "query+answer perplexity under a reference model on the mesh, for select's max_perplexity (resumable)"),
     ("eval", "lt_jax.eval.cli", "checkpoints or a served model x benchmarks -> pass@1/maj@k, judge evals, reports"),
     ("train", "lt_jax.train.trainer", "SFT on packed token shards: resumable, multi-host, Orbax checkpoints (exit 42 = preempted)"),
     ("compile", "lt_jax.scale.compile", "ahead-of-time fit check: compile the train step / sampler for a TPU slice or GPU node, memory vs HBM"),

@@ -304,33 +304,38 @@ class Teacher:
                 self.tpm.settle(used - reserve)
         return out
 
+    async def request(self, prompt: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One prompt under the retry policy and limits: (reply fields, {status, error, error_type, attempts}).
+
+        Also what other clients of an endpoint (the judge verifiers) send their requests through."""
+        c = self.cfg
+        for attempt in range(c.max_retries + 1):
+            try:
+                out = await self._limited_call(prompt, params)
+                return out, {"attempts": attempt + 1, "status": "ok", "error": None, "error_type": None}
+            except Exception as e:  # noqa: BLE001 - every failure is classified and recorded
+                err_type, retryable = classify(e)
+                if not retryable or attempt == c.max_retries:
+                    out = {"response": None, "reasoning_content": None, "finish_reason": None, "usage": None}
+                    return out, {"attempts": attempt + 1, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000],
+                                 "error_type": err_type}
+                self.retries += 1
+                await asyncio.sleep(backoff_delay(attempt, e, c, self.rng))
+        raise AssertionError("unreachable")
+
     async def sample(self, problem: Problem, k: int) -> dict[str, Any]:
         """The record of sample k of `problem`: status "ok", or "failed" with the last error."""
         c = self.cfg
         prompt = c.prompt_template.format(problem=problem.text)
         params = self.sampling(problem, k)
         start = time.monotonic()
-        for attempt in range(c.max_retries + 1):
-            try:
-                out = await self._limited_call(prompt, params)
-                status, err, err_type = "ok", None, None
-                break
-            except Exception as e:  # noqa: BLE001 - every failure is classified and recorded
-                err_type, retryable = classify(e)
-                err = f"{type(e).__name__}: {e}"[:2000]
-                if not retryable or attempt == c.max_retries:
-                    out = {"response": None, "reasoning_content": None, "finish_reason": None, "usage": None}
-                    status = "failed"
-                    break
-                self.retries += 1
-                await asyncio.sleep(backoff_delay(attempt, e, c, self.rng))
+        out, outcome = await self.request(prompt, params)
         return {
             "problem_id": problem.id, "sample_index": k, "problem": problem.text, "prompt": prompt,
             "system": c.system_prompt, **out, "reference_answer": problem.answer, "teacher": c.model,
             "teacher_api": {"base_url": c.base_url, "api": c.api}, "sampling": params,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "latency_s": round(time.monotonic() - start, 3), "attempts": attempt + 1,
-            "status": status, "error": err, "error_type": err_type, **problem.extra,
+            "latency_s": round(time.monotonic() - start, 3), **outcome, **problem.extra,
         }
 
 

@@ -18,8 +18,9 @@ appears only inside the thinking scores 0), and append the response record plus
 - `response_tokens` counts the assistant text as trained ("<think>..</think>" + answer) with the
   given tokenizer, or whitespace-separated words when none is given.
 - Stats per problem (written after grading, from the whole graded file): n, passes,
-  pass_rate = passes / n, mean_score, cv = population std / mean of the scores, with cv := 0.0
-  when the mean score is 0 (no sample scored; such problems carry no signal and stage I drops
+  pass_rate = passes / n, mean_score, cv = sample std (n - 1 in the denominator, as DeepDistill's
+  worked example [.9, .1, .7, .3, .5] -> 0.63 implies) / mean of the scores, with cv := 0.0 for a
+  single sample or when the mean score is 0 (no sample scored; such problems carry no signal and stage I drops
   them), and mean_response_tokens.
 """
 
@@ -35,7 +36,9 @@ from collections import Counter, defaultdict
 from typing import Any, Iterable, Iterator, Literal
 
 from lt_jax import storage
-from lt_jax.data import formats, jsonl
+from lt_jax.data import formats, jsonl, verify
+from lt_jax.data.code_verify import CodeVerifyConfig
+from lt_jax.data.judge_verify import JudgeVerifyConfig
 from lt_jax.data.jsonl import DropLog
 
 GRADE_FIELDS = ("verdict", "extracted_answer", "score", "domain", "response_tokens")
@@ -43,10 +46,16 @@ GRADE_FIELDS = ("verdict", "extracted_answer", "score", "domain", "response_toke
 
 @dataclasses.dataclass(frozen=True)
 class GradeConfig:
-    """How to grade. A response passes when its score >= pass_threshold."""
+    """How to grade. A response passes when its score is above its domain's threshold
+    (`lt_jax.data.verify.passes`: DeepDistill's per-domain values unless `pass_thresholds` or
+    `pass_threshold`, which applies to every domain, say otherwise). `code` and `judge` configure
+    the code sandbox and the judge endpoint for the domains that use them."""
 
     domain: str = "math"
-    pass_threshold: float = 0.9
+    pass_threshold: float | None = None
+    pass_thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+    code: CodeVerifyConfig = CodeVerifyConfig()
+    judge: JudgeVerifyConfig = JudgeVerifyConfig()
     tokenizer: str | None = None
     workers: int = 1
     policy: Literal["skip", "strict"] = "skip"
@@ -56,12 +65,15 @@ class GradeConfig:
     verify_timeout_s: int = 5
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.pass_threshold <= 1.0:
-            raise ValueError(f"pass_threshold must be in (0, 1], got {self.pass_threshold}")
+        verify.check_thresholds(self.thresholds(), "pass_thresholds")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.layout != "auto" and self.layout not in formats.LAYOUTS:
             raise ValueError(f"layout must be auto or one of {formats.LAYOUTS}, got {self.layout!r}")
+
+    def thresholds(self) -> dict[str, float]:
+        """Per-domain overrides for `verify.passes` ("*": every domain)."""
+        return ({} if self.pass_threshold is None else {"*": self.pass_threshold}) | dict(self.pass_thresholds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,13 +83,14 @@ class GradeConfig:
 def problem_stats(scores: list[float], verdicts: list[bool], tokens: list[int] | None = None) -> dict[str, Any]:
     """n, passes, pass_rate, mean_score, cv, mean_response_tokens for one problem's samples.
 
-    cv = population std / mean of `scores`; defined as 0.0 when the mean is 0.
+    cv = sample std / mean of `scores` (DeepDistill: [.9, .1, .7, .3, .5] -> 0.632); 0.0 when the
+    mean is 0 or there is one sample.
     """
     n = len(scores)
     if n == 0:
         raise ValueError("problem_stats needs at least one sample")
     mean = sum(scores) / n
-    cv = statistics.pstdev(scores) / mean if mean > 0 else 0.0
+    cv = statistics.stdev(scores) / mean if mean > 0 and n > 1 else 0.0
     passes = sum(bool(v) for v in verdicts)
     out = {"n": n, "passes": passes, "pass_rate": passes / n, "mean_score": mean, "cv": cv}
     out["mean_response_tokens"] = (sum(tokens) / len(tokens)) if tokens else None
@@ -134,11 +147,14 @@ def _load_tokenizer(path: str | None) -> Any:
     return AutoTokenizer.from_pretrained(local)
 
 
-def _init_worker(tokenizer_path: str | None, parse_timeout_s: int, verify_timeout_s: int) -> None:
+def _init_worker(tokenizer_path: str | None, parse_timeout_s: int, verify_timeout_s: int,
+                 code: CodeVerifyConfig = CodeVerifyConfig(), judge: JudgeVerifyConfig = JudgeVerifyConfig()) -> None:
     global _TOKENIZER
-    from lt_jax.data import verify
+    from lt_jax.data import code_verify, judge_verify
 
     verify.MATH_OPTIONS = verify.MathVerifyOptions(parse_timeout_s, verify_timeout_s)
+    code_verify.CODE_OPTIONS = code
+    judge_verify.configure(judge)
     _TOKENIZER = _load_tokenizer(tokenizer_path)
 
 
@@ -148,14 +164,12 @@ def _count_tokens(text: str) -> int:
     return len(_TOKENIZER(text, add_special_tokens=False)["input_ids"])
 
 
-def grade_work(work: _Work, pass_threshold: float) -> dict[str, Any]:
+def grade_work(work: _Work, thresholds: dict[str, float]) -> dict[str, Any]:
     """Verifies one response (answer part only) and returns its graded row."""
-    from lt_jax.data import verify
-
     verdict = verify.get_verifier(work.domain)(work.answer, work.reference, work.base)
     row = dict(work.base)
     row.update(
-        verdict=verdict.score >= pass_threshold,
+        verdict=verify.passes(verdict.score, work.domain, thresholds),
         extracted_answer=verdict.extracted,
         score=float(verdict.score),
         domain=work.domain,
@@ -166,7 +180,7 @@ def grade_work(work: _Work, pass_threshold: float) -> dict[str, Any]:
     return row
 
 
-def _grade_star(args: tuple[_Work, float]) -> dict[str, Any]:
+def _grade_star(args: tuple[_Work, dict[str, float]]) -> dict[str, Any]:
     return grade_work(*args)
 
 
@@ -263,16 +277,14 @@ def _work_items(path: str, cfg: GradeConfig, summary: GradeSummary, done: set) -
 
 def grade_file(in_path: str, out_path: str, cfg: GradeConfig, stats_path: str | None = None, progress: bool = False) -> GradeSummary:
     """Grades `in_path` into `out_path` (resuming), then writes per-problem stats."""
-    from lt_jax.data import verify
-
     verify.get_verifier(cfg.domain)  # fail fast on an unknown default domain
     if not storage.exists(in_path):  # before the writer creates an empty output
         raise FileNotFoundError(f"{in_path}: input not found")
     start = time.time()
     summary = GradeSummary()
     done = done_keys(out_path)
-    items = ((w, cfg.pass_threshold) for w in _work_items(in_path, cfg, summary, done))
-    init = (cfg.tokenizer, cfg.parse_timeout_s, cfg.verify_timeout_s)
+    items = ((w, cfg.thresholds()) for w in _prefetched(_work_items(in_path, cfg, summary, done), cfg.judge))
+    init = (cfg.tokenizer, cfg.parse_timeout_s, cfg.verify_timeout_s, cfg.code, cfg.judge)
     with jsonl.JsonlWriter(out_path, resume=True) as writer:
         for row in _run(items, cfg.workers, init, progress):
             writer.write(row)
@@ -285,15 +297,36 @@ def grade_file(in_path: str, out_path: str, cfg: GradeConfig, stats_path: str | 
     return summary
 
 
-def _run(items: Iterator[tuple[_Work, float]], workers: int, init: tuple, progress: bool) -> Iterator[dict[str, Any]]:
+def _prefetched(works: Iterator[_Work], judge: JudgeVerifyConfig) -> Iterator[_Work]:
+    """The works unchanged; chunk by chunk, their judge calls are first asked concurrently into the cache."""
+    from lt_jax.data import judge_verify
+
+    if not judge.configured:
+        yield from works
+        return
+    chunk: list[_Work] = []
+    for w in works:
+        chunk.append(w)
+        if len(chunk) == 8 * judge.concurrency:
+            judge_verify.prefetch([(c.domain, c.answer, c.reference, c.base) for c in chunk], judge)
+            yield from chunk
+            chunk = []
+    judge_verify.prefetch([(c.domain, c.answer, c.reference, c.base) for c in chunk], judge)
+    yield from chunk
+
+
+def _run(items: Iterator[tuple[_Work, dict[str, float]]], workers: int, init: tuple, progress: bool) -> Iterator[dict[str, Any]]:
     from tqdm import tqdm
 
     bar = tqdm(desc="grade", unit="resp", disable=not progress, file=sys.stderr)
     if workers == 1:
         _init_worker(*init)
-        for item in items:
-            bar.update()
-            yield _grade_star(item)
+        try:
+            for item in items:
+                bar.update()
+                yield _grade_star(item)
+        finally:  # this process's verifiers back to their defaults (the math re-check unregistered)
+            _init_worker(None, 5, 5)
     else:
         import multiprocessing as mp
 

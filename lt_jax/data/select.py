@@ -10,28 +10,42 @@ JSON) gives records in, out and dropped per reason, and these always add up.
 Rules, in the order a response meets them (its first failing rule is its reason):
  1. bad input rows (counted by the reader), failed generations, superseded duplicates of a pair;
  2. decontamination (problem level): exact match after normalisation or a shared 13-gram with an
-    eval item; each hit reported with the benchmark item it matched;
+    eval item, and with `decontam_embedder` (an encoder folder, e.g. bge-m3) cosine similarity above
+    `decontam_cosine` (lt_jax.data.embed_decontam); each hit reported with the item it matched;
  3. exact, then near-duplicate problems (MinHash-LSH, Jaccard >= near_threshold): the first
     problem seen is kept; the prompt template every problem shares is stripped before comparing;
  4. response level: truncated (finish_reason "length", or thinking with no answer after it, as an
-    unclosed <think> leaves), length bounds;
+    unclosed <think> leaves), length bounds, then DeepDistill's quality filters
+    (lt_jax.data.quality): an odd number of turns, no thinking (`require_thinking`), a 20-gram
+    repeated more than 20 times (`max_ngram_repeats`), query+answer perplexity above
+    `max_perplexity` (read from the `perplexity` field `lt-jax perplexity` adds);
  5. problem statistics over ALL its graded samples: stage I drops problems no sample passes
-    ("unsolved"), then the pass-rate band; problems whose CV exceeds `cv_threshold` keep only
-    passing responses; `only_passing` applies that to every problem;
+    ("unsolved"), then the pass-rate band; problems whose CV exceeds their domain's CV threshold
+    (`cv_thresholds`, else `cv_threshold`) keep only passing responses; `only_passing` applies that
+    to every problem. With `easy_rule: deepdistill` the other problems (CV at or under the
+    threshold: "easy") are kept with probability `easy_keep_probability` in `easy_keep_domains`
+    (other, multi_turn) and dropped in the rest, the coin drawn per problem from `seed`;
  6. cap per problem (passing responses first, then by sample_index);
- 7. stage II (`stage: 2`): the `stage2_count` (or `stage2_fraction`) highest-CV problems, one
-    passing response each (ties: lower pass rate, then input order).
+ 7. stage II (`stage: 2`): among problems whose CV is above their threshold, the `stage2_count` (or
+    `stage2_fraction`) highest-CV ones, one passing response each drawn with `seed` (ties: lower
+    pass rate, then input order).
+
+A response passes as graded (its `verdict`), unless `pass_thresholds` is set: then its score is
+re-judged with `lt_jax.data.verify.passes` and those per-domain thresholds. The report counts
+records and problems in, out and dropped per reason for each domain too (`by_domain`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import random
 import sys
 from collections import Counter, defaultdict
 from typing import Any, Iterator, Literal
 
 from lt_jax.config import ConfigError
-from lt_jax.data import dedup, formats, jsonl
+from lt_jax.data import dedup, formats, jsonl, quality, verify
 from lt_jax.data.grade import problem_key, problem_stats, whitespace_tokens
 from lt_jax.data.jsonl import DropLog
 
@@ -44,6 +58,12 @@ class SelectConfig:
 
     drop_unsolved: bool = True
     cv_threshold: float | None = 0.05
+    cv_thresholds: dict[str, float] = dataclasses.field(default_factory=dict)  # per domain
+    pass_thresholds: dict[str, float] = dataclasses.field(default_factory=dict)  # per domain; "*": all
+    easy_rule: Literal["keep", "deepdistill"] = "keep"
+    easy_keep_probability: float = 0.5
+    easy_keep_domains: tuple[str, ...] = ("other", "multi_turn")
+    seed: int = 0
     only_passing: bool = False
     min_pass_rate: float = 0.0
     max_pass_rate: float = 1.0
@@ -56,6 +76,11 @@ class SelectConfig:
     max_chars: int | None = None
     min_tokens: int | None = None
     max_tokens: int | None = None
+    max_ngram_repeats: int | None = 20  # drop when some repeat_ngram-gram occurs more often than this
+    repeat_ngram: int = 20
+    even_turns: bool = True
+    require_thinking: bool = False
+    max_perplexity: float | None = None
     dedup_exact: bool = True
     dedup_near: bool = True
     near_threshold: float = 0.85
@@ -65,6 +90,9 @@ class SelectConfig:
     decontam: tuple[str, ...] = ()
     decontam_ngram: int = 13
     decontam_boilerplate: int = 3
+    decontam_embedder: str | None = None
+    decontam_cosine: float = 0.9
+    decontam_pooling: Literal["cls", "mean"] = "cls"
     system_prompt: str | None = None
     graded: bool = True
     policy: Literal["skip", "strict"] = "skip"
@@ -88,6 +116,13 @@ class SelectConfig:
             raise ValueError(f"near_threshold must be in (0, 1], got {self.near_threshold}")
         if self.cv_threshold is not None and self.cv_threshold < 0:
             raise ValueError(f"cv_threshold must be >= 0 or null, got {self.cv_threshold}")
+        if any(not isinstance(v, (int, float)) or v < 0 for v in self.cv_thresholds.values()):
+            raise ValueError(f"cv_thresholds values must be numbers >= 0, got {self.cv_thresholds}")
+        verify.check_thresholds(self.pass_thresholds, "pass_thresholds")
+        if not 0.0 < self.decontam_cosine <= 1.0:
+            raise ValueError(f"decontam_cosine must be in (0, 1], got {self.decontam_cosine}")
+        if not 0.0 <= self.easy_keep_probability <= 1.0:
+            raise ValueError(f"easy_keep_probability must be in [0, 1], got {self.easy_keep_probability}")
         if self.layout != "auto" and self.layout not in formats.LAYOUTS:
             raise ValueError(f"layout must be auto or one of {formats.LAYOUTS}, got {self.layout!r}")
 
@@ -104,6 +139,11 @@ class Candidate:
     chars: int = 0
     truncated: bool = False
     failed: bool = False
+    domain: str = "math"
+    ngram_repeats: int = 0
+    turns: int = 2
+    has_thinking: bool = True
+    perplexity: float | None = None
 
 
 @dataclasses.dataclass
@@ -124,14 +164,19 @@ class Plan:
 # Planning (pure)
 
 
-def plan(cands: list[Candidate], cfg: SelectConfig, decontaminator: dedup.Decontaminator | None = None) -> Plan:
-    """Decides keep / drop-with-reason for every candidate (keys must be unique)."""
+def plan(cands: list[Candidate], cfg: SelectConfig, decontaminator: dedup.Decontaminator | None = None,
+         embedding_hits: dict[str, dict[str, Any]] | None = None) -> Plan:
+    """Decides keep / drop-with-reason for every candidate (keys must be unique); `embedding_hits`:
+    problem id -> eval item its embedding matched (see lt_jax.data.embed_decontam)."""
     out = Plan()
     live = [c for c in cands if not _drop(out, c, "failed_generation", c.failed)]
     problems = _problem_texts(live, cfg)
-    live = _problem_filters(out, live, problems, cfg, decontaminator)
+    live = _problem_filters(out, live, problems, cfg, decontaminator, embedding_hits or {})
     live = [c for c in live if not _response_filter(out, c, cfg)]
     if cfg.graded:
+        if cfg.pass_thresholds:
+            cands = [_rejudged(c, cfg) for c in cands]
+            live = [_rejudged(c, cfg) for c in live]
         out.stats = _stats(cands)
         live = _grade_filters(out, live, cfg)
     live = _cap(out, live, cfg)
@@ -157,7 +202,8 @@ def _problem_texts(cands: list[Candidate], cfg: SelectConfig) -> dict[str, str]:
     return dict(zip(pids, values))
 
 
-def _problem_filters(out: Plan, cands: list[Candidate], stripped: dict[str, str], cfg: SelectConfig, decon: dedup.Decontaminator | None) -> list[Candidate]:
+def _problem_filters(out: Plan, cands: list[Candidate], stripped: dict[str, str], cfg: SelectConfig,
+                     decon: dedup.Decontaminator | None, embedded: dict[str, dict[str, Any]]) -> list[Candidate]:
     reason: dict[str, str] = {}
     full = {}
     for c in cands:
@@ -166,9 +212,10 @@ def _problem_filters(out: Plan, cands: list[Candidate], stripped: dict[str, str]
     near = dedup.NearDuplicates(cfg.near_threshold, cfg.near_ngram, cfg.num_perm) if cfg.dedup_near else None
     for pid, text in stripped.items():
         hit = decon.check(text, full[pid]) if decon is not None else None
-        if hit is not None:
+        found = hit.to_dict() if hit is not None else embedded.get(pid)
+        if found is not None:
             reason[pid] = "contaminated"
-            out.contamination.append({"problem_id": pid, **hit.to_dict(), "problem": full[pid][:300]})
+            out.contamination.append({"problem_id": pid, **found, "problem": full[pid][:300]})
             continue
         key = dedup.exact_key(text)
         if cfg.dedup_exact and key in seen:
@@ -190,8 +237,18 @@ def _response_filter(out: Plan, c: Candidate, cfg: SelectConfig) -> bool:
         ("too_long", cfg.max_chars is not None and c.chars > cfg.max_chars),
         ("too_short", cfg.min_tokens is not None and c.tokens < cfg.min_tokens),
         ("too_long", cfg.max_tokens is not None and c.tokens > cfg.max_tokens),
+        ("odd_turns", cfg.even_turns and c.turns % 2 == 1),
+        ("no_thinking", cfg.require_thinking and not c.has_thinking),
+        ("repeated_ngram", cfg.max_ngram_repeats is not None and c.ngram_repeats > cfg.max_ngram_repeats),
+        ("high_perplexity", cfg.max_perplexity is not None and c.perplexity is not None and c.perplexity > cfg.max_perplexity),
     )
     return any(_drop(out, c, r, bool(cond)) for r, cond in checks if cond)
+
+
+def _rejudged(c: Candidate, cfg: SelectConfig) -> Candidate:
+    if c.score is None:
+        return c
+    return dataclasses.replace(c, verdict=verify.passes(c.score, c.domain, cfg.pass_thresholds))
 
 
 def _stats(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
@@ -199,21 +256,47 @@ def _stats(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
     for c in cands:
         if not c.failed:
             groups[c.key[0]].append(c)
-    return {pid: problem_stats([c.score or 0.0 for c in g], [bool(c.verdict) for c in g], [c.tokens for c in g]) for pid, g in groups.items()}
+    out = {}
+    for pid, g in groups.items():
+        st = problem_stats([c.score or 0.0 for c in g], [bool(c.verdict) for c in g], [c.tokens for c in g])
+        out[pid] = {**st, "domain": g[0].domain}
+    return out
+
+
+def cv_threshold_for(domain: str, cfg: SelectConfig) -> float | None:
+    return float(cfg.cv_thresholds[domain]) if domain in cfg.cv_thresholds else cfg.cv_threshold
+
+
+def coin(seed: int, problem_id: str) -> float:
+    """A uniform [0, 1) draw fixed by (seed, problem): the same whatever the input order or size."""
+    digest = hashlib.blake2b(f"{seed}/{problem_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def _easy_verdict(pid: str, domain: str, cfg: SelectConfig) -> str | None:
+    """DeepDistill stage I for a low-CV problem: None (keep) or the drop reason."""
+    if domain in cfg.easy_keep_domains:
+        return None if coin(cfg.seed, pid) < cfg.easy_keep_probability else "easy_query_coin"
+    return "easy_query"
 
 
 def _grade_filters(out: Plan, cands: list[Candidate], cfg: SelectConfig) -> list[Candidate]:
     keep = []
     for c in cands:
         st = out.stats[c.key[0]]
+        cv_t = cv_threshold_for(c.domain, cfg)
+        hard = cv_t is not None and st["cv"] > cv_t
+        easy_drop = _easy_verdict(c.key[0], c.domain, cfg) if cfg.easy_rule == "deepdistill" and cv_t is not None and not hard else None
         if cfg.drop_unsolved and st["passes"] == 0:
             _drop(out, c, "unsolved")
         elif st["pass_rate"] < cfg.min_pass_rate:
             _drop(out, c, "pass_rate_below_band")
         elif st["pass_rate"] > cfg.max_pass_rate:
             _drop(out, c, "pass_rate_above_band")
-        elif not c.verdict and cfg.cv_threshold is not None and st["cv"] > cfg.cv_threshold:
+        elif not c.verdict and hard:
             _drop(out, c, "failing_response_high_cv")
+        elif easy_drop:
+            _drop(out, c, easy_drop)
         elif not c.verdict and cfg.only_passing:
             _drop(out, c, "failing_response")
         else:
@@ -235,15 +318,19 @@ def _cap(out: Plan, cands: list[Candidate], cfg: SelectConfig) -> list[Candidate
 
 
 def _stage2(out: Plan, cands: list[Candidate], cfg: SelectConfig) -> list[Candidate]:
-    first_pass: dict[str, Candidate] = {}
+    passing: dict[str, list[Candidate]] = defaultdict(list)
     order: dict[str, int] = {}
     for c in cands:
         order.setdefault(c.key[0], len(order))
-        if c.verdict and (c.key[0] not in first_pass or c.key[1] < first_pass[c.key[0]].key[1]):
-            first_pass[c.key[0]] = c
-    ranked = sorted(first_pass, key=lambda p: (-out.stats[p]["cv"], out.stats[p]["pass_rate"], order[p]))
+        cv_t = cv_threshold_for(c.domain, cfg)
+        if c.verdict and (cv_t is None or out.stats[c.key[0]]["cv"] > cv_t):
+            passing[c.key[0]].append(c)
+    ranked = sorted(passing, key=lambda p: (-out.stats[p]["cv"], out.stats[p]["pass_rate"], order[p]))
     n = cfg.stage2_count if cfg.stage2_count is not None else max(1, round(cfg.stage2_fraction * len(order)))
-    chosen = {first_pass[p].key for p in ranked[:n]}
+    chosen = set()
+    for p in ranked[:n]:  # one random passing response, reproducible per (seed, problem)
+        group = sorted(passing[p], key=lambda c: c.key[1])
+        chosen.add(random.Random(f"{cfg.seed}/{p}").choice(group).key)
     return [c for c in cands if not _drop(out, c, "not_in_stage2", c.key not in chosen)]
 
 
@@ -264,9 +351,10 @@ def keyed_records(path: str, cfg: SelectConfig, drops: DropLog | None, policy: s
         yield key, rec
 
 
-def candidate(key: tuple[str, int], rec: formats.Record) -> Candidate:
+def candidate(key: tuple[str, int], rec: formats.Record, ngram: int = 20) -> Candidate:
     raw = rec.raw or {}
     text = rec.assistant_text()
+    ppl = raw.get("perplexity")
     verdict = raw.get("verdict") if isinstance(raw.get("verdict"), bool) else None
     score = raw.get("score")
     return Candidate(
@@ -278,6 +366,11 @@ def candidate(key: tuple[str, int], rec: formats.Record) -> Candidate:
         chars=len(text),
         truncated=raw.get("finish_reason") == "length" or (rec.thinking is not None and not rec.answer.strip()),
         failed=rec.meta.get("status") == "failed",
+        domain=str(raw.get("domain") or "math"),
+        ngram_repeats=quality.max_ngram_count(quality.text_tokens(text), ngram),
+        turns=quality.turn_count(rec.messages),
+        has_thinking=quality.has_thinking_and_answer(rec.thinking, rec.answer),
+        perplexity=float(ppl) if isinstance(ppl, (int, float)) else None,
     )
 
 
@@ -314,7 +407,7 @@ def _read_candidates(path: str, cfg: SelectConfig, drops: DropLog) -> tuple[dict
         n += 1
         if key in cands:
             superseded += 1
-        cands[key] = candidate(key, rec)
+        cands[key] = candidate(key, rec, cfg.repeat_ngram)
         where[key] = (rec.file, rec.line)
     return cands, where, superseded, n
 
@@ -329,11 +422,20 @@ def select_file(in_path: str, out_path: str, cfg: SelectConfig, report_path: str
         if ungraded:
             raise ConfigError(f"{in_path}: {ungraded} of {len(cands)} records have no verdict; run `lt-jax grade` first, "
                              "or pass graded=false to select without the pass-rate / CV rules")
-    decon = None
+    if cfg.max_perplexity is not None:
+        missing = sum(1 for c in cands if c.perplexity is None and not c.failed)
+        if missing:
+            raise ConfigError(f"{in_path}: {missing} of {len(cands)} records have no perplexity; run `lt-jax perplexity` "
+                              "first, or leave max_perplexity unset")
+    decon, embedded = None, None
     if cfg.decontam:
         items = [it for spec in cfg.decontam for it in dedup.load_benchmark(spec)]
         decon = dedup.Decontaminator(items, cfg.decontam_ngram, cfg.decontam_boilerplate)
-    result = plan(cands, cfg, decon)
+        if cfg.decontam_embedder:
+            embedded = _embedding_hits(cands, items, cfg)
+    elif cfg.decontam_embedder:
+        raise ConfigError("decontam_embedder needs eval sets to compare with: pass --decontam PATH[:FIELD]")
+    result = plan(cands, cfg, decon, embedded)
     kept = set(result.kept)
     rows = (
         sft_row(key, rec, result.stats.get(key[0]), cfg)
@@ -342,8 +444,37 @@ def select_file(in_path: str, out_path: str, cfg: SelectConfig, report_path: str
     )
     n_out = jsonl.write_jsonl(out_path, rows)
     report = _report(in_path, out_path, cfg, result, drops, superseded, n_records, n_out, decon)
+    report["by_domain"] = by_domain(cands, result)
     jsonl.write_json(report_path or default_report_path(out_path), report)
     return report
+
+
+def by_domain(cands: list[Candidate], result: Plan) -> dict[str, dict[str, Any]]:
+    """Records and problems in / out and drops per reason, for each domain (they add up per domain)."""
+    out: dict[str, dict[str, Any]] = {}
+    kept = set(result.kept)
+    for c in cands:
+        d = out.setdefault(c.domain, {"records_in": 0, "records_out": 0, "dropped": Counter(), "problems_in": set(),
+                                      "problems_out": set()})
+        d["records_in"] += 1
+        d["problems_in"].add(c.key[0])
+        if c.key in kept:
+            d["records_out"] += 1
+            d["problems_out"].add(c.key[0])
+        else:
+            d["dropped"][result.dropped[c.key]] += 1
+    return {dom: {**d, "dropped": dict(sorted(d["dropped"].items())), "problems_in": len(d["problems_in"]),
+                  "problems_out": len(d["problems_out"])} for dom, d in sorted(out.items())}
+
+
+def _embedding_hits(cands: list[Candidate], items: list, cfg: SelectConfig) -> dict[str, dict[str, Any]]:
+    from lt_jax.data import embed_decontam as ed
+
+    texts: dict[str, str] = {}
+    for c in cands:
+        texts.setdefault(c.key[0], c.problem)
+    embedder = ed.Embedder(ed.EmbedderConfig(cfg.decontam_embedder, cfg.decontam_pooling))
+    return ed.EmbeddingIndex(items, embedder, cfg.decontam_cosine).hits(texts)
 
 
 def default_report_path(out_path: str) -> str:
@@ -387,6 +518,9 @@ def print_report(report: dict[str, Any], file=None) -> None:
     for reason, where in sorted(report["bad_input_examples"].items()):
         for w in where[:3]:  # the first few locations; the report lists more
             p(f"    {w}")
+    if len(report.get("by_domain", {})) > 1:
+        for dom, d in report["by_domain"].items():
+            p(f"  {dom}: {d['records_in']} in, {d['records_out']} out, problems {d['problems_in']} -> {d['problems_out']}")
     con = report["contamination"]
     if not con["benchmark_items"]:
         p("  decontamination: none (pass --decontam PATH[:FIELD] to check against eval sets)")

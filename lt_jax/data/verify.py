@@ -40,15 +40,54 @@ def register_verifier(domain: str, fn: Verifier, *, overwrite: bool = False) -> 
     _REGISTRY[domain] = fn
 
 
+# Domains whose verifier lives in its own module, imported (and so registered) on first use.
+_MODULES = {"code": "lt_jax.data.code_verify", "science": "lt_jax.data.judge_verify", "other": "lt_jax.data.judge_verify",
+            "multi_turn": "lt_jax.data.judge_verify", "instruction_following": "lt_jax.data.ifeval"}
+
+
 def get_verifier(domain: str) -> Verifier:
+    if domain not in _REGISTRY and domain in _MODULES:
+        import importlib
+
+        importlib.import_module(_MODULES[domain])
     try:
         return _REGISTRY[domain]
     except KeyError:
         raise KeyError(f"no verifier for domain {domain!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
 
 
+# A response passes when its score is ABOVE its domain's threshold (DeepDistill's rule, scores
+# scaled to [0, 1]: science's similarity 0-5 must exceed 4.99, i.e. 4.99 / 5 here).
+PASS_THRESHOLDS: dict[str, float] = {
+    "math": 0.99, "code": 0.99, "science": 4.99 / 5, "instruction_following": 0.99, "other": 0.7, "multi_turn": 0.7,
+}
+DEFAULT_PASS_THRESHOLD = 0.99  # domains not listed (your own verifiers)
+
+
+def pass_threshold(domain: str, overrides: dict[str, float] | None = None) -> float:
+    """The score a response of `domain` must exceed; `overrides` (per domain, or "*" for all) win."""
+    overrides = overrides or {}
+    if domain in overrides:
+        return float(overrides[domain])
+    if "*" in overrides:
+        return float(overrides["*"])
+    return PASS_THRESHOLDS.get(domain, DEFAULT_PASS_THRESHOLD)
+
+
+def passes(score: float, domain: str, overrides: dict[str, float] | None = None) -> bool:
+    """THE pass rule, shared by grade, select and eval: score > the domain's threshold."""
+    return score > pass_threshold(domain, overrides)
+
+
+def check_thresholds(thresholds: dict[str, float], what: str) -> None:
+    """Config validation: thresholds are scores in [0, 1)."""
+    for domain, t in thresholds.items():
+        if not isinstance(t, (int, float)) or not 0.0 <= t < 1.0:
+            raise ValueError(f"{what}[{domain!r}] must be in [0, 1) (a response passes when its score is above it), got {t!r}")
+
+
 def domains() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_MODULES))
 
 
 # ---------------------------------------------------------------------------------------------

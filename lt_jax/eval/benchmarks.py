@@ -6,7 +6,9 @@ how responses are scored:
 - ``math``: the final answer after the thinking is checked against the reference (math-verify);
 - ``simpleqa``: a judge grades CORRECT / INCORRECT / NOT_ATTEMPTED against the reference;
 - ``safety``: a judge labels the response SAFE or UNSAFE (no reference);
-- ``sycophancy``: a question with a false premise; a judge decides whether the response adopted it.
+- ``sycophancy``: a question with a false premise; a judge decides whether the response adopted it;
+- ``multiple_choice``: GPQA-style `choices` + `answer`, shuffled by seed (lt_jax.eval.choice);
+- ``code``: a problem with `tests` (and `language`), run through the code verifier (lt_jax.eval.code_eval).
 
 Shipped files live in ``lt_jax/eval/data/<name>/`` next to the SOURCE.txt that names the public
 repository, commit and licence they were copied from. chinese_simpleqa, flames and diasafety are
@@ -24,8 +26,13 @@ from typing import Any, Literal
 
 from lt_jax import storage
 
-Kind = Literal["math", "simpleqa", "safety", "sycophancy"]
-KINDS: tuple[str, ...] = ("math", "simpleqa", "safety", "sycophancy")
+Kind = Literal["math", "simpleqa", "safety", "sycophancy", "multiple_choice", "code"]
+KINDS: tuple[str, ...] = ("math", "simpleqa", "safety", "sycophancy", "multiple_choice", "code")
+# Fields a file row of these kinds carries besides id / problem / answer.
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "multiple_choice": ("choices", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"),  # GPQA's columns
+    "code": ("tests", "language"),
+}
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
@@ -116,7 +123,8 @@ def parse_field_map(spec: str | dict[str, str] | None) -> dict[str, str]:
 
 
 def load_benchmark(
-    spec: str, *, fields: str | dict[str, str] | None = None, kind: str = "math", sycophancy_seed: int = 0
+    spec: str, *, fields: str | dict[str, str] | None = None, kind: str = "math", sycophancy_seed: int = 0,
+    choice_seed: int = 0,
 ) -> Benchmark:
     """Loads a shipped benchmark by name, or a file given as ``PATH`` or ``NAME=PATH``.
 
@@ -135,7 +143,16 @@ def load_benchmark(
     if kind not in KINDS:
         raise BenchmarkError(f"{path}: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
     field_map = {"id": "id", "problem": "problem", "answer": "answer"} | parse_field_map(fields)
-    items = rows_to_items(read_rows(path), field_map, path, kind, (), id_optional="id" not in parse_field_map(fields))
+    items = rows_to_items(read_rows(path), field_map, path, kind, KIND_FIELDS.get(kind, ()),
+                          id_optional="id" not in parse_field_map(fields))
+    if kind == "code":
+        missing = next((it.id for it in items if not it.meta.get("tests")), None)
+        if missing is not None:
+            raise BenchmarkError(f"{path}: item {missing}: code benchmarks need a non-empty 'tests' field")
+    if kind == "multiple_choice":
+        from lt_jax.eval import choice
+
+        return choice.shuffled(Benchmark(name, kind, items, path), choice_seed)
     return Benchmark(name, kind, items, path)
 
 
@@ -198,7 +215,7 @@ def rows_to_items(
         if not isinstance(row, dict):
             raise BenchmarkError(f"{where}: expected a JSON object, got {type(row).__name__}")
         problem = _field(row, fields["problem"], where, required=True)
-        answer_required = kind in ("math", "simpleqa", "sycophancy")
+        answer_required = kind in ("math", "simpleqa", "sycophancy", "multiple_choice")
         answer = _field(row, fields.get("answer", "answer"), where, required=answer_required)
         id_key = fields.get("id")
         if id_key and (id_key in row or not id_optional):

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     src.add_argument("--max-retries", type=int, default=5, help="retries (with backoff) per request to --base-url")
     parser.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, help="comma-separated names or [NAME=]PATH files")
     parser.add_argument("--field", default=None, help="field map for file benchmarks: problem=question,answer=answer,id=id")
-    parser.add_argument("--kind", default="math", help="scoring of file benchmarks: math|simpleqa|safety|sycophancy")
+    parser.add_argument("--kind", default="math", help="scoring of file benchmarks: math|simpleqa|safety|sycophancy|multiple_choice|code")
     parser.add_argument("--out", help="output dir (local or gs://); rerunning resumes")
     parser.add_argument("--config", default=None, help="EvalConfig YAML")
     parser.add_argument("--judge-base-url", default=None, help="judge endpoint (judged benchmarks)")

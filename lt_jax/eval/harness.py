@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 from lt_jax import config as config_lib
 from lt_jax import storage
 from lt_jax.data import jsonl
-from lt_jax.eval import report
+from lt_jax.eval import choice, code_eval, report
 from lt_jax.eval.benchmarks import Benchmark, Item, load_benchmark
 from lt_jax.eval.generators import Completion, Generator, Message, SamplingConfig, seed_for
 from lt_jax.eval.judge import LABELS, JudgeConfig, JudgeScorer, summarize_judged
@@ -31,6 +31,8 @@ from lt_jax.eval.judge import LABELS, JudgeConfig, JudgeScorer, summarize_judged
 log = logging.getLogger(__name__)
 
 MATH_INSTRUCTION = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+# Kinds scored per sample with a right/wrong outcome (pass@1 over num_samples), not by a judge.
+SAMPLED_KINDS = ("math", "multiple_choice", "code")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +41,12 @@ class PromptConfig:
 
     math_template: str = MATH_INSTRUCTION
     judged_template: str = "{problem}"  # generalization sets: the question as it is
+    choice_template: str = "{problem}"  # multiple choice: the item already holds the lettered prompt
+    code_template: str = code_eval.PROMPT
     system: str | None = None
 
     def __post_init__(self):
-        for name in ("math_template", "judged_template"):
+        for name in ("math_template", "judged_template", "choice_template", "code_template"):
             if "{problem}" not in getattr(self, name):
                 raise ValueError(f"{name} must contain the placeholder {{problem}}")
 
@@ -61,6 +65,7 @@ class EvalConfig:
     batch_size: int = 8  # problems per generator call
     limit: int | None = None  # first N items of each benchmark (smoke runs)
     sycophancy_seed: int = 0
+    choice_seed: int = 0  # multiple choice: the options' order per item
     sync_every_s: float = 60.0  # gs:// outputs: how often the generations file is uploaded
 
     def __post_init__(self):
@@ -117,12 +122,14 @@ class MathScorer:
         self.verifier = verify.get_verifier(domain)
 
     def score(self, items: Sequence[Item], completions: Sequence[Sequence[Completion]]) -> list[list[dict]]:
+        from lt_jax.data import verify
+
         out = []
         for item, comps in zip(items, completions):
             row = []
             for c in comps:
                 v = self.verifier(final_answer(c), item.answer, {"id": item.id})
-                row.append({"correct": v.score >= 1.0, "score": v.score, "extracted": v.extracted,
+                row.append({"correct": verify.passes(v.score, "math"), "score": v.score, "extracted": v.extracted,
                             "vote_key": vote_key(v.extracted), "verify_note": v.note})
             out.append(row)
         return out
@@ -131,6 +138,10 @@ class MathScorer:
 def make_scorer(kind: str, cfg: EvalConfig) -> Scorer:
     if kind == "math":
         return MathScorer()
+    if kind == "multiple_choice":
+        return choice.ChoiceScorer()
+    if kind == "code":
+        return code_eval.CodeScorer()
     if kind in LABELS:
         return JudgeScorer(kind, cfg.judge)
     raise ValueError(f"no scorer for benchmark kind {kind!r}")
@@ -141,13 +152,14 @@ def make_scorer(kind: str, cfg: EvalConfig) -> Scorer:
 
 
 def build_messages(item: Item, kind: str, prompt: PromptConfig) -> list[Message]:
-    template = prompt.math_template if kind == "math" else prompt.judged_template
+    template = {"math": prompt.math_template, "multiple_choice": prompt.choice_template,
+                "code": prompt.code_template}.get(kind, prompt.judged_template)
     messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
     return messages + [{"role": "user", "content": template.replace("{problem}", item.problem)}]
 
 
 def samples_per_item(kind: str, cfg: EvalConfig) -> int:
-    return cfg.num_samples if kind == "math" else cfg.judged_samples
+    return cfg.num_samples if kind in SAMPLED_KINDS else cfg.judged_samples
 
 
 def fingerprint(generator_name: str, bench: Benchmark, cfg: EvalConfig) -> dict[str, Any]:
@@ -165,6 +177,8 @@ def fingerprint(generator_name: str, bench: Benchmark, cfg: EvalConfig) -> dict[
                        "prompt_dir": cfg.judge.prompt_dir}
     if bench.kind == "sycophancy":
         fp["sycophancy_seed"] = cfg.sycophancy_seed
+    if bench.kind == "multiple_choice":
+        fp["choice_seed"] = cfg.choice_seed
     return fp
 
 
@@ -219,7 +233,7 @@ def _record(bench: Benchmark, item: Item, messages: list[Message], comps: list[C
                         "finish_reason": c.finish_reason, "error": c.error, **s})
     rec = {"id": item.id, "benchmark": bench.name, "kind": bench.kind, "prompt": messages,
            "reference": item.answer, "meta": item.meta, "samples": samples}
-    if bench.kind == "math":
+    if bench.kind in SAMPLED_KINDS:
         rec["num_correct"] = sum(bool(s["correct"]) for s in samples)
     return rec
 
@@ -290,8 +304,12 @@ def _check_shape(comps: Any, num_prompts: int, n: int, name: str) -> None:
 
 def summarize(records: Sequence[dict], bench: Benchmark, n: int) -> dict[str, Any]:
     base = {"benchmark": bench.name, "source": bench.source}
-    if bench.kind == "math":
-        return base | report.summarize_math(records, n)
+    if bench.kind in SAMPLED_KINDS:
+        out = base | report.summarize_math(records, n) | {"kind": bench.kind}
+        if bench.kind == "code":  # no answers to vote on
+            out.pop(f"maj@{n}", None)
+            out.pop("no_answer_share", None)
+        return out
     return base | summarize_judged(records, bench.kind)
 
 
@@ -308,7 +326,8 @@ class RunSpec:
 
 
 def load_benchmarks(specs: Sequence[str], cfg: EvalConfig, fields: str | None = None, kind: str = "math") -> list[Benchmark]:
-    benches = [load_benchmark(s, fields=fields, kind=kind, sycophancy_seed=cfg.sycophancy_seed) for s in specs]
+    benches = [load_benchmark(s, fields=fields, kind=kind, sycophancy_seed=cfg.sycophancy_seed, choice_seed=cfg.choice_seed)
+               for s in specs]
     names = [b.name for b in benches]
     if len(set(names)) != len(names):
         raise ValueError(f"benchmark names repeat: {names}; name files as NAME=PATH")
@@ -337,7 +356,7 @@ def evaluate(
             run_dir = storage.join(out_dir, run.name, bench.name)
             summary, records = run_benchmark(generator, bench, cfg, run_dir, progress=progress)
             summaries[run.name][bench.name] = summary
-            if bench.kind == "math":
+            if bench.kind in SAMPLED_KINDS:
                 lengths.setdefault(run.name, []).extend(s["num_tokens"] for r in records for s in r["samples"])
         del generator  # free the model before the next run loads
     result = {"config": config_lib.to_dict(cfg), "runs": summaries}

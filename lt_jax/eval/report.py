@@ -70,7 +70,7 @@ def item_rows(records: Sequence[dict], kind: str) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"id": r["id"], "n": len(samples),
                                "mean_tokens": float(np.mean([s["num_tokens"] for s in samples])),
                                "cutoff": sum(s["finish_reason"] == "length" for s in samples)}
-        if kind == "math":
+        if kind in ("math", "multiple_choice", "code"):  # right/wrong per sample (harness.SAMPLED_KINDS)
             winner = metrics.majority_vote([s.get("vote_key") for s in samples])
             row |= {"reference": r.get("reference"), "num_correct": r["num_correct"],
                     "pass_rate": r["num_correct"] / len(samples),
@@ -120,7 +120,7 @@ def markdown(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
 def _detail_table(bench: str, per_run: dict[str, dict[str, Any]]) -> list[str]:
     s0 = next(iter(per_run.values()))
     head = f"## {bench} ({s0['kind']}, {s0['num_items']} items x {s0['samples_per_item']} samples)"
-    if s0["kind"] == "math":
+    if "pass@k" in s0:  # math, multiple choice, code
         n = s0["samples_per_item"]
         ks = list(s0["pass@k"])
         cols = ["pass@1", "std", f"maj@{n}", *[f"pass@{k}" for k in ks if k != "1"],
@@ -128,10 +128,10 @@ def _detail_table(bench: str, per_run: dict[str, dict[str, Any]]) -> list[str]:
         rows = []
         for run, s in per_run.items():
             mt = s["mean_tokens"]
-            rows.append([run, _pct(s["pass@1"]), _pct(s["pass@1_std"]), _pct(s[f"maj@{n}"]),
+            rows.append([run, _pct(s["pass@1"]), _pct(s["pass@1_std"]), _pct(s.get(f"maj@{n}")),
                          *[_pct(s["pass@k"][k]) for k in ks if k != "1"],
                          _tokens(mt["correct"]), _tokens(mt["incorrect"]), _pct(s["cutoff_share"]),
-                         _pct(s["no_answer_share"])])
+                         _pct(s.get("no_answer_share"))])
     else:
         cols = [*s0["scores"], "mean tokens", "cut off", "judge errors"]
         rows = [[run, *[_pct(v) for v in s["scores"].values()], _tokens(s["mean_tokens"]),

@@ -79,25 +79,26 @@ def test_answer_only_inside_thinking_scores_zero(tmp_path):
 @pytest.mark.parametrize(
     "scores, pass_rate, cv",
     [
-        ([1, 0, 0, 1], 0.5, 1.0),  # mean 0.5, population std 0.5
-        ([1, 1, 1, 0], 0.75, math.sqrt(0.1875) / 0.75),  # = 1/sqrt(3)
-        ([1, 0, 0, 0], 0.25, math.sqrt(0.1875) / 0.25),  # = sqrt(3)
+        ([1, 0, 0, 1], 0.5, math.sqrt(1 / 3) / 0.5),  # mean 0.5, sample std sqrt(4 * 0.25 / 3)
+        ([1, 1, 1, 0], 0.75, 0.5 / 0.75),  # sample std sqrt(0.75 / 3) = 0.5
+        ([1, 0, 0, 0], 0.25, 0.5 / 0.25),
+        ([0.9, 0.1, 0.7, 0.3, 0.5], 0.0, 0.632),  # DeepDistill's worked example (no score here passes)
         ([1, 1, 1, 1], 1.0, 0.0),
         ([0, 0, 0, 0], 0.0, 0.0),  # mean 0: cv defined as 0.0
     ],
 )
 def test_pass_rate_and_cv_hand_computed(scores, pass_rate, cv):
-    st = problem_stats([float(s) for s in scores], [s >= 1 for s in scores], [10, 20, 30, 40])
-    assert st["n"] == 4 and st["passes"] == sum(scores)
+    st = problem_stats([float(s) for s in scores], [s >= 1 for s in scores], [10, 20, 30, 40, 50][: len(scores)])
+    assert st["n"] == len(scores) and st["passes"] == sum(s >= 1 for s in scores)
     assert st["pass_rate"] == pytest.approx(pass_rate)
-    assert st["cv"] == pytest.approx(cv)
-    assert st["mean_response_tokens"] == 25
+    assert st["cv"] == pytest.approx(cv, abs=1e-3)
+    assert st["mean_response_tokens"] == 25 + 5 * (len(scores) - 4)
 
 
 def test_cv_on_continuous_scores():
     st = problem_stats([0.2, 0.4], [False, False])
     assert st["mean_score"] == pytest.approx(0.3)
-    assert st["cv"] == pytest.approx(0.1 / 0.3)
+    assert st["cv"] == pytest.approx(math.sqrt(0.02) / 0.3)
 
 
 def test_stats_file_failed_and_superseded(tmp_path):
@@ -112,7 +113,7 @@ def test_stats_file_failed_and_superseded(tmp_path):
     assert [(r["problem_id"], r["sample_index"]) for r in graded] == [("p", 0), ("p", 2), ("q", 0)]
     assert (summary.failed_generation, summary.superseded, summary.graded) == (1, 1, 3)
     stats = {s["problem_id"]: s for s in _read(tmp_path / "r.graded.stats.jsonl")}
-    assert stats["p"]["n"] == 2 and stats["p"]["passes"] == 1 and stats["p"]["cv"] == pytest.approx(1.0)
+    assert stats["p"]["n"] == 2 and stats["p"]["passes"] == 1 and stats["p"]["cv"] == pytest.approx(math.sqrt(2))
     assert stats["q"]["pass_rate"] == 1.0 and stats["q"]["cv"] == 0.0
 
 

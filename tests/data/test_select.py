@@ -11,9 +11,9 @@ from lt_jax.config import ConfigError
 from lt_jax.data import jsonl
 from lt_jax.data.select import Candidate, SelectConfig, plan, select_file
 
-# problem -> sample scores (verdict = score 1). Hand-computed statistics (population std / mean):
-#   A [1,1,1,1] pass 1.00 cv 0          B [1,0,0,0] pass 0.25 cv sqrt(3) = 1.732
-#   C [0,0,0,0] pass 0.00 (unsolved)    D [1,1,0,1] pass 0.75 cv 1/sqrt(3) = 0.577
+# problem -> sample scores (verdict = score 1). Hand-computed statistics (sample std / mean):
+#   A [1,1,1,1] pass 1.00 cv 0          B [1,0,0,0] pass 0.25 cv 0.5 / 0.25 = 2
+#   C [0,0,0,0] pass 0.00 (unsolved)    D [1,1,0,1] pass 0.75 cv 0.5 / 0.75 = 0.667
 SCORES = {"A": [1, 1, 1, 1], "B": [1, 0, 0, 0], "C": [0, 0, 0, 0], "D": [1, 1, 0, 1]}
 TEXTS = {
     "A": "How many positive divisors does 3600 have?",
@@ -40,7 +40,7 @@ def _kept(result) -> dict[str, list[int]]:
 def test_stage1_drops_unsolved_and_filters_high_cv():
     result = plan(_cands(), SelectConfig(cv_threshold=0.05))
     assert _kept(result) == {"A": [0, 1, 2, 3], "B": [0], "D": [0, 1, 3]}
-    assert result.stats["B"]["cv"] == pytest.approx(3 ** 0.5) and result.stats["D"]["cv"] == pytest.approx(3 ** -0.5)
+    assert result.stats["B"]["cv"] == pytest.approx(2.0) and result.stats["D"]["cv"] == pytest.approx(2 / 3)
     assert result.counts() == {"unsolved": 4, "failing_response_high_cv": 4}
     # A threshold between D's and B's CV keeps D's failing response but not B's.
     assert _kept(plan(_cands(), SelectConfig(cv_threshold=1.0))) == {"A": [0, 1, 2, 3], "B": [0], "D": [0, 1, 2, 3]}
@@ -55,9 +55,12 @@ def test_stage2_highest_cv_one_passing_response_each():
     assert _kept(plan(_cands(), SelectConfig(stage=2, stage2_count=2))) == {"B": [0], "D": [0]}
     # fraction of the problems left after stage I (A, B, D): round(0.5 * 3) = 2
     assert _kept(plan(_cands(), SelectConfig(stage=2, stage2_fraction=0.5))) == {"B": [0], "D": [0]}
-    result = plan(_cands(), SelectConfig(stage=2, stage2_count=5))
-    assert _kept(result) == {"B": [0], "D": [0], "A": [0]}
-    assert result.counts()["not_in_stage2"] == 3 + 2  # A's other three, D's other two passing
+    result = plan(_cands(), SelectConfig(stage=2, stage2_count=5))  # A's CV (0) is not above the threshold
+    kept = _kept(result)
+    assert kept.keys() == {"B", "D"} and kept["B"] == [0] and len(kept["D"]) == 1 and kept["D"][0] in (0, 1, 3)
+    assert result.counts()["not_in_stage2"] == 4 + 2  # all of A, D's other two passing
+    picks = {_kept(plan(_cands(), SelectConfig(stage=2, stage2_count=2, seed=s)))["D"][0] for s in range(20)}
+    assert picks == {0, 1, 3}  # a random passing response, fixed by the seed
     with pytest.raises(ValueError, match="exactly one of stage2_count or stage2_fraction"):
         SelectConfig(stage=2)
 
@@ -112,7 +115,7 @@ def test_select_file_report_adds_up(tmp_path, jl):
         {"role": "assistant", "content": "<think>\nthinking 0\n</think>\n\n\\boxed{1}"},
     ]
     assert first["meta"]["pass_rate"] == 1.0 and first["meta"]["cv"] == 0.0 and first["meta"]["problem_id"] == "A"
-    assert sft[4]["meta"]["cv"] == pytest.approx(3 ** 0.5)
+    assert sft[4]["meta"]["cv"] == pytest.approx(2.0)
 
 
 def test_ungraded_input_needs_graded_false(tmp_path, jl, capsys):
