@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from lt_jax.model.hf_cli import parse_mesh
+    from lt_jax.model.sharding import parse_mesh
     from lt_jax.model.sharding import make_mesh
 
     cpu = jax.default_backend() == "cpu"

@@ -32,6 +32,7 @@ from typing import Any
 
 from lt_jax.config import ConfigError
 from lt_jax.data import verify
+from lt_jax.data.verdicts import fill, parse_verdict
 from lt_jax.data.verify import Verdict, register_verifier
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
@@ -114,8 +115,6 @@ def parse_reward(text: str | None) -> dict[str, int] | None:
 
 
 def parse_equivalence(text: str | None) -> bool | None:
-    from lt_jax.eval.judge import parse_verdict
-
     label = parse_verdict(text, MATH_LABELS)
     return None if label is None else label == "EQUIVALENT"
 
@@ -241,8 +240,6 @@ def load_prompt(name: str, prompt_dir: str | None = None) -> str:
 
 
 def judge_prompt(name: str, record: dict[str, Any], reference: str | None, answer: str, prompt_dir: str | None = None) -> str:
-    from lt_jax.eval.judge import fill
-
     question = str(record.get("problem") or record.get("prompt") or "")
     fields = {"question": question, "reference": reference or "", "response": answer}
     return fill(load_prompt(name, prompt_dir), fields)

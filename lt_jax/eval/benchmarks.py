@@ -22,7 +22,8 @@ import json
 import os
 import random
 import re
-from typing import Any, Literal
+import string
+from typing import Any, Literal, Sequence
 
 from lt_jax import storage
 
@@ -150,9 +151,7 @@ def load_benchmark(
         if missing is not None:
             raise BenchmarkError(f"{path}: item {missing}: code benchmarks need a non-empty 'tests' field")
     if kind == "multiple_choice":
-        from lt_jax.eval import choice
-
-        return choice.shuffled(Benchmark(name, kind, items, path), choice_seed)
+        return shuffled(Benchmark(name, kind, items, path), choice_seed)
     return Benchmark(name, kind, items, path)
 
 
@@ -282,3 +281,49 @@ def _false_answer(answer: str, pools: list[list[str]], rng: random.Random) -> st
         if others:
             return rng.choice(sorted(set(others)))
     raise BenchmarkError(f"cannot build a false premise for answer {answer!r}: no other non-numeric answers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice at load time (lt_jax/eval/choice.py describes the format and scores it)
+
+GPQA_WRONG = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+PROMPT = ("Answer the multiple-choice question below. Think it through, then finish with a line of the form "
+          "\"Answer: X\", where X is the letter of the one correct option ({letters}).\n\n{question}\n\n{options}")
+
+
+def correct_index(answer: Any, choices: Sequence[str], where: str) -> int:
+    """Which of `choices` the answer names: its text, a 0-based index, or a letter."""
+    text = str(answer).strip()
+    if text in choices:
+        return list(choices).index(text)
+    if text.isdigit() and int(text) < len(choices):
+        return int(text)
+    if len(text) == 1 and text.upper() in string.ascii_uppercase[: len(choices)]:
+        return string.ascii_uppercase.index(text.upper())
+    raise BenchmarkError(f"{where}: answer {text[:60]!r} is none of the {len(choices)} choices (text, index or letter)")
+
+
+def shuffled(bench: Benchmark, seed: int = 0) -> Benchmark:
+    """The benchmark with every item's choices shuffled (seed, item id), lettered, and put in the prompt."""
+    items = []
+    for it in bench.items:
+        choices = it.meta.get("choices")
+        wrong = [it.meta[k] for k in GPQA_WRONG if it.meta.get(k) not in (None, "")]
+        if choices is None and wrong:
+            choices = [it.answer, *wrong]
+        where = f"{bench.source}: item {it.id}"
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, (str, int, float)) for c in choices):
+            raise BenchmarkError(f"{where}: field 'choices' must be a list of at least two options")
+        if len(choices) > 26:
+            raise BenchmarkError(f"{where}: {len(choices)} choices; at most 26 can be lettered")
+        choices = [str(c) for c in choices]
+        right = correct_index(it.answer, choices, where)
+        order = list(range(len(choices)))
+        random.Random(f"{seed}/{it.id}").shuffle(order)
+        letters = string.ascii_uppercase[: len(choices)]
+        options = "\n".join(f"{letters[k]}) {choices[j]}" for k, j in enumerate(order))
+        problem = PROMPT.format(letters=", ".join(letters), question=it.problem, options=options)
+        meta = {k: v for k, v in it.meta.items() if k not in GPQA_WRONG}
+        meta |= {"choices": [choices[j] for j in order], "question": it.problem}
+        items.append(Item(it.id, problem, letters[order.index(right)], meta))
+    return dataclasses.replace(bench, items=tuple(items))

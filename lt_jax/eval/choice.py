@@ -14,56 +14,12 @@ else a reply that is just the letter. Any other letter, or none, is wrong (and c
 
 from __future__ import annotations
 
-import dataclasses
-import random
 import re
 import string
 from typing import Any, Sequence
 
-from lt_jax.eval.benchmarks import Benchmark, BenchmarkError, Item
-
-GPQA_WRONG = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
-PROMPT = ("Answer the multiple-choice question below. Think it through, then finish with a line of the form "
-          "\"Answer: X\", where X is the letter of the one correct option ({letters}).\n\n{question}\n\n{options}")
-
-
-def correct_index(answer: Any, choices: Sequence[str], where: str) -> int:
-    """Which of `choices` the answer names: its text, a 0-based index, or a letter."""
-    text = str(answer).strip()
-    if text in choices:
-        return list(choices).index(text)
-    if text.isdigit() and int(text) < len(choices):
-        return int(text)
-    if len(text) == 1 and text.upper() in string.ascii_uppercase[: len(choices)]:
-        return string.ascii_uppercase.index(text.upper())
-    raise BenchmarkError(f"{where}: answer {text[:60]!r} is none of the {len(choices)} choices (text, index or letter)")
-
-
-def shuffled(bench: Benchmark, seed: int = 0) -> Benchmark:
-    """The benchmark with every item's choices shuffled (seed, item id), lettered, and put in the prompt."""
-    items = []
-    for it in bench.items:
-        choices = it.meta.get("choices")
-        wrong = [it.meta[k] for k in GPQA_WRONG if it.meta.get(k) not in (None, "")]
-        if choices is None and wrong:
-            choices = [it.answer, *wrong]
-        where = f"{bench.source}: item {it.id}"
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, (str, int, float)) for c in choices):
-            raise BenchmarkError(f"{where}: field 'choices' must be a list of at least two options")
-        if len(choices) > 26:
-            raise BenchmarkError(f"{where}: {len(choices)} choices; at most 26 can be lettered")
-        choices = [str(c) for c in choices]
-        right = correct_index(it.answer, choices, where)
-        order = list(range(len(choices)))
-        random.Random(f"{seed}/{it.id}").shuffle(order)
-        letters = string.ascii_uppercase[: len(choices)]
-        options = "\n".join(f"{letters[k]}) {choices[j]}" for k, j in enumerate(order))
-        problem = PROMPT.format(letters=", ".join(letters), question=it.problem, options=options)
-        meta = {k: v for k, v in it.meta.items() if k not in GPQA_WRONG}
-        meta |= {"choices": [choices[j] for j in order], "question": it.problem}
-        items.append(Item(it.id, problem, letters[order.index(right)], meta))
-    return dataclasses.replace(bench, items=tuple(items))
-
+from lt_jax.eval.answer import final_answer
+from lt_jax.eval.benchmarks import GPQA_WRONG, PROMPT, Item, correct_index, shuffled  # noqa: F401  (re-exported)
 
 _ANSWER = re.compile(r"(?i)answer\s*(?:is)?\s*[:：]\s*[*_`(\[]*\s*([A-Z])\b")
 _BOXED = re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*([A-Z])\s*\}")
@@ -87,8 +43,6 @@ class ChoiceScorer:
 
     def score(self, items: Sequence[Item], completions: Sequence[Sequence[Any]]) -> list[list[dict]]:
         from lt_jax.data import verify
-        from lt_jax.eval.harness import final_answer
-
         out = []
         for item, comps in zip(items, completions):
             n = len(item.meta.get("choices") or [])

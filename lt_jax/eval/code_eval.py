@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from lt_jax.eval.answer import final_answer
 from lt_jax.eval.benchmarks import Item
 
 PROMPT = ("{problem}\n\nSolve this in Python. Give the complete program, which reads standard input and writes "
@@ -25,7 +26,6 @@ class CodeScorer:
 
     def score(self, items: Sequence[Item], completions: Sequence[Sequence[Any]]) -> list[list[dict]]:
         from lt_jax.data import code_verify, verify
-        from lt_jax.eval.harness import final_answer
 
         jobs = [(final_answer(c), {"tests": it.meta.get("tests"), "language": it.meta.get("language")})
                 for it, comps in zip(items, completions) for c in comps]

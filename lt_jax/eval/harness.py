@@ -24,6 +24,7 @@ from lt_jax import config as config_lib
 from lt_jax import storage
 from lt_jax.data import jsonl
 from lt_jax.eval import choice, code_eval, report
+from lt_jax.eval.answer import final_answer  # noqa: F401  (re-exported)
 from lt_jax.eval.benchmarks import Benchmark, Item, load_benchmark
 from lt_jax.eval.generators import Completion, Generator, Message, SamplingConfig, seed_for
 from lt_jax.eval.judge import LABELS, JudgeConfig, JudgeScorer, summarize_judged
@@ -89,15 +90,6 @@ class ResumeMismatch(config_lib.ConfigError):
 
 # ---------------------------------------------------------------------------------------------
 # Math scoring through the grader (task C): thinking excluded, math-verify on the final answer.
-
-
-def final_answer(c: Completion) -> str:
-    """The part of a completion after its thinking (the grader's split; an unclosed <think>, i.e.
-    a response cut off while thinking, has an empty answer). Separately returned reasoning is
-    never part of the answer."""
-    from lt_jax.data import formats
-
-    return formats.split_thinking(c.text)[1]
 
 
 def vote_key(extracted: str | None) -> str | None:
