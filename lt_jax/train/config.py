@@ -118,12 +118,16 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-    """Metrics every `every` steps to the console, metrics.jsonl and TensorBoard (process 0 only)."""
+    """Metrics every `every` steps to the console, metrics.jsonl, TensorBoard and optionally W&B (process 0 only)."""
 
     every: int = 10
     jsonl: bool = True
     tensorboard: bool = True
     peak_flops_per_device: Optional[float] = None  # None: look the device kind up (no MFU on CPU)
+    wandb: bool = False  # also log to Weights & Biases (pip install 'lt_jax[wandb]'; see lt_jax/train/wandb_logger.py)
+    wandb_project: str = "lt_jax"
+    wandb_entity: Optional[str] = None  # None: the account's default
+    wandb_name: Optional[str] = None  # None: the output folder's name
 
     def __post_init__(self):
         if self.every < 1:

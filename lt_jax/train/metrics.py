@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from lt_jax import storage
 from lt_jax.model import families
@@ -124,11 +124,14 @@ def console_line(step: int, total: int, m: dict[str, float]) -> str:
 
 
 class MetricsWriter:
-    """Console + metrics.jsonl + TensorBoard under `output_dir`; inert on processes other than 0."""
+    """Console + metrics.jsonl + TensorBoard under `output_dir`, plus any `sinks` (objects with
+    `log(step, kind, metrics)` and `close()`, e.g. lt_jax.train.wandb_logger.WandbLogger); inert on
+    processes other than 0."""
 
     def __init__(self, output_dir: str, *, start_step: int, jsonl: bool = True, tensorboard: bool = True,
-                 active: bool = True, printer=print):
+                 active: bool = True, printer=print, sinks: Sequence[Any] = ()):
         self.output_dir, self.active, self.printer = output_dir, active, printer
+        self.sinks = list(sinks) if active else []
         self.remote = storage.is_remote(output_dir)
         self._stage = tempfile.mkdtemp(prefix="lt_jax_metrics_") if (self.remote and active) else None
         self._jsonl_path = self._tb = None
@@ -180,6 +183,8 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(f"{kind}/{k}", v, step)
+        for sink in self.sinks:
+            sink.log(step, kind, clean)
 
     def text(self, message: str) -> None:
         if self.active:
@@ -199,6 +204,8 @@ class MetricsWriter:
             return
         if self._tb is not None:
             self._tb.close()
+        for sink in self.sinks:
+            sink.close()
         self.flush()
 
 

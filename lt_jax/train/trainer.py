@@ -28,11 +28,22 @@ import dataclasses
 import logging
 import signal
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from lt_jax import storage
 from lt_jax.config import to_dict
 from lt_jax.train.config import RunConfig, load_run_config
+from lt_jax.train.hooks import Hook, HookFn
+
+if TYPE_CHECKING:  # the heavy modules load in `setup`, so `lt-jax --help` stays free of jax
+    import jax
+    from flax import nnx
+
+    from lt_jax.data.loader import Loader
+    from lt_jax.model.config import ModelConfig
+    from lt_jax.train.checkpoint import TrainCheckpointer
+    from lt_jax.train.metrics import MetricsWriter
+    from lt_jax.train.step import TrainState
 
 PREEMPTED_EXIT_CODE = 42
 
@@ -44,18 +55,25 @@ class Run:
     """What the loop works with; built by `setup`."""
 
     cfg: RunConfig
-    mesh: Any
-    model_config: Any
-    graphdef: Any
-    state: Any  # TrainState
-    loader: Any
-    eval_loader: Any
-    train_step: Any
-    eval_step: Any
-    checkpointer: Any
-    writer: Any
+    mesh: "jax.sharding.Mesh"
+    model_config: "ModelConfig"
+    graphdef: "nnx.GraphDef"
+    state: "TrainState"
+    loader: "Loader"
+    eval_loader: Optional["Loader"]
+    train_step: Callable[["TrainState", dict], tuple["TrainState", dict]]  # (state, batch) -> (state, metrics)
+    eval_step: Callable[[dict, dict], dict]  # (params, batch) -> {"nll_sum", "loss_tokens"}
+    checkpointer: "TrainCheckpointer"
+    writer: "MetricsWriter"
     total_steps: int
     start_step: int
+    hooks: list[Hook] = dataclasses.field(default_factory=list)  # added with add_hook, run after the built-in ones
+
+    def add_hook(self, fn: HookFn, every: int = 1, name: Optional[str] = None, **when) -> Hook:
+        """Runs `fn(run, step)` after every `every`-th step (`at_start`/`at_end`/`paused` as in Hook)."""
+        hook = Hook(name or getattr(fn, "__name__", "hook"), fn, every, **when)
+        self.hooks.append(hook)
+        return hook
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +190,7 @@ def setup(cfg: RunConfig, printer=print, accept_config_changes: bool = False) ->
     start = int(jax.device_get(state.step))
     writer = metrics.MetricsWriter(
         cfg.train.output_dir, start_step=start, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
-        active=distributed.is_primary(), printer=printer,
+        active=distributed.is_primary(), printer=printer, sinks=_extra_sinks(cfg, model_config),
     )
     return Run(
         cfg=cfg, mesh=mesh, model_config=model_config, graphdef=graphdef, state=state, loader=loader,
@@ -181,6 +199,19 @@ def setup(cfg: RunConfig, printer=print, accept_config_changes: bool = False) ->
         eval_step=st.jit_eval_step(graphdef, options, shardings.params, batch_sharding),
         checkpointer=checkpointer, writer=writer, total_steps=steps, start_step=start,
     )
+
+
+def _extra_sinks(cfg: RunConfig, model_config) -> list:
+    """Metric sinks beside the console, JSONL and TensorBoard: W&B when `logging.wandb` (process 0)."""
+    from lt_jax.train import distributed
+
+    if not (cfg.logging.wandb and distributed.is_primary()):
+        return []
+    from lt_jax.train.wandb_logger import WandbLogger
+
+    lg = cfg.logging
+    return [WandbLogger(cfg.train.output_dir, project=lg.wandb_project, name=lg.wandb_name, entity=lg.wandb_entity,
+                        config={**to_dict(cfg), "model": to_dict(model_config)})]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +322,13 @@ class Meter:
         self.written = []
         self.restart_clock()
 
+    def log(self, step: int) -> None:
+        """The metrics hook: compile time after this process's first step, else the interval's records."""
+        if step == self.run.start_step + 1:  # compile time would distort the first interval
+            self.first_step(step)
+        else:
+            self.flush(step)
+
     def flush(self, step: int) -> None:
         import jax
 
@@ -322,10 +360,11 @@ def loop(run: Run, preemption: "Preemption") -> int:
     """Trains from `run.start_step` to `run.total_steps`; returns the process exit status."""
     import jax
 
-    cfg, step = run.cfg, run.start_step
+    step = run.start_step
     meter = Meter(run)
     if preemption.reached(step):  # signalled during setup: nothing new to save
         return PREEMPTED_EXIT_CODE
+    hooks = default_hooks(run, meter, preemption)
     with jax.set_mesh(run.mesh):
         while step < run.total_steps:
             t = time.perf_counter()
@@ -334,29 +373,44 @@ def loop(run: Run, preemption: "Preemption") -> int:
             run.state, m = run.train_step(run.state, batch)
             step += 1
             meter.pending.append((step, m))
-            if step == run.start_step + 1:  # compile time would distort the first interval
-                meter.first_step(step)
-            elif step % cfg.logging.every == 0 or step == run.total_steps:
-                meter.flush(step)
-            with meter.paused():
-                periodic(run, step, meter)
-            if preemption.reached(step):
-                return stop_for_preemption(run, meter, step)
-        if run.eval_loader is not None and (not cfg.train.eval_every or step % cfg.train.eval_every):
-            log_eval(run, step)
+            for hook in hooks:
+                if not hook.due(step, run.start_step, run.total_steps):
+                    continue
+                with meter.paused() if hook.paused else contextlib.nullcontext():
+                    status = hook.fn(run, step)
+                if status is not None:
+                    return status
     run.checkpointer.wait()
     return 0
 
 
-def periodic(run: Run, step: int, meter: Optional[Meter] = None) -> None:
-    """Eval every `train.eval_every` steps; a checkpoint every `checkpoint.every` and at the end."""
+def default_hooks(run: Run, meter: "Meter", preemption: "Preemption") -> list[Hook]:
+    """The loop's periodic work, in order: metrics, eval, checkpoint, `run.hooks`, preemption, final eval.
+
+    The checkpoint hook writes every waiting step's record first, so a kill after a checkpoint
+    commits loses no record it covers. Preemption comes after the user's hooks; the final eval
+    (when the cadence did not just run one) after it, so a preempted last step exits at once.
+    """
     cfg = run.cfg
-    if run.eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-        log_eval(run, step)
-    if step % cfg.checkpoint.every == 0 or step == run.total_steps:
-        if meter is not None:
-            meter.record()  # every step up to the checkpoint is on disk before it can commit
-        save(run)
+    hooks = [Hook("metrics", lambda r, s: meter.log(s), every=cfg.logging.every, at_start=True, at_end=True,
+                  paused=False)]
+    evals = run.eval_loader is not None
+    if evals and cfg.train.eval_every:
+        hooks.append(Hook("eval", log_eval, every=cfg.train.eval_every))
+    hooks.append(Hook("checkpoint", lambda r, s: checkpoint(r, meter), every=cfg.checkpoint.every, at_end=True))
+    hooks += run.hooks
+    hooks.append(Hook("preemption", lambda r, s: stop_for_preemption(r, meter, s) if preemption.reached(s) else None,
+                      paused=False))
+    if evals:
+        just_ran = lambda s: cfg.train.eval_every and s % cfg.train.eval_every == 0  # noqa: E731
+        hooks.append(Hook("final eval", lambda r, s: None if just_ran(s) else log_eval(r, s), every=0, at_end=True))
+    return hooks
+
+
+def checkpoint(run: Run, meter: "Meter") -> None:
+    """Every waiting step's record on disk, then an async save (`save` is looked up at call time)."""
+    meter.record()
+    save(run)
 
 
 def stop_for_preemption(run: Run, meter: Meter, step: int) -> int:
@@ -406,17 +460,18 @@ def describe(run: Run) -> None:
         storage.write_text(storage.join(cfg.train.output_dir, "config_history", f"step-{run.start_step:08d}.yaml"), text)
 
 
-def train(cfg: RunConfig, printer=print, accept_config_changes: bool = False) -> int:
+def train(cfg: RunConfig, printer=print, accept_config_changes: bool = False, hooks: Sequence[Hook] = ()) -> int:
     """Runs (or resumes) the training described by `cfg`; returns the exit status (0 or 42).
 
     Resuming with a config that differs from the checkpoint's is refused (lt_jax.train.resume_check)
-    unless `accept_config_changes`."""
+    unless `accept_config_changes`. `hooks` run after the built-in ones (see lt_jax.train.hooks)."""
     preemption = Preemption()  # before setup: restoring and compiling can take minutes on a pod
     try:
         run = setup(cfg, printer, accept_config_changes)
     except BaseException:
         preemption.close()
         raise
+    run.hooks.extend(hooks)
     try:
         describe(run)
         return loop(run, preemption)
@@ -478,7 +533,7 @@ def main(argv=None) -> int:
     return run(parser.parse_args(argv))
 
 
-__all__ = ["train", "setup", "loop", "evaluate", "PREEMPTED_EXIT_CODE", "add_arguments", "run"]
+__all__ = ["train", "setup", "loop", "evaluate", "Hook", "default_hooks", "PREEMPTED_EXIT_CODE", "add_arguments", "run"]
 
 
 if __name__ == "__main__":
