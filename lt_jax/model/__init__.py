@@ -1,4 +1,6 @@
-"""The decoder (Qwen2/2.5, Qwen3, Llama 3.x), its sharding, and Hugging Face I/O.
+"""The decoder (Qwen2/2.5, Qwen3, Llama 3.x, Phi-3/Phi-4), its sharding, and Hugging Face I/O.
+
+Families are declared in `lt_jax.model.families` (one spec module each).
 
 Parameter tree contract (paths are `nnx.state(model)` paths joined with "."; L = num_layers,
 H = hidden_size, D = head_dim, Nq/Nkv = heads, I = intermediate_size, V = vocab_size).

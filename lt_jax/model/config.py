@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from lt_jax.model import families
 
-Family = str  # a key of lt_jax.model.families.FAMILIES (qwen2, qwen3, llama, phi3)
+Family = str  # a key of lt_jax.model.families.FAMILIES (validated in __post_init__)
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]

@@ -1,0 +1,51 @@
+"""The family registry: every spec names exactly the model's parameters; transforms invert; errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lt_jax.model import families
+from lt_jax.model.config import ModelConfig
+from lt_jax.model.families import spec as spec_lib
+
+
+@pytest.mark.parametrize("name", sorted(families.FAMILIES))
+@pytest.mark.parametrize("tied", [False, True])
+def test_each_spec_maps_every_parameter_once(name, tied):
+    from lt_jax.model.transformer import abstract_model, flat_abstract_state
+
+    cfg = ModelConfig(family=name, vocab_size=64, tie_word_embeddings=tied)
+    params = flat_abstract_state(abstract_model(cfg))
+    spec = families.get(name)
+    spec_lib.check_paths(spec, list(params), cfg)  # raises on a missing or unknown path
+    paths = [p for r in spec.tensor_rows(cfg) for p in r.paths]
+    assert len(paths) == len(set(paths)) == len(params)
+
+
+def test_family_defaults_and_unknown_family():
+    assert ModelConfig(family="qwen2").attention_bias and ModelConfig(family="qwen3").qk_norm
+    phi = ModelConfig(family="phi3")
+    assert not phi.attention_bias and not phi.qk_norm
+    with pytest.raises(ValueError, match="family 'gpt2' is not supported; supported: llama, phi3, qwen2, qwen3"):
+        ModelConfig(family="gpt2")
+
+
+@pytest.mark.parametrize("transform", [spec_lib.COPY, spec_lib.LINEAR])
+def test_transforms_go_both_ways(transform):
+    a = np.arange(24, dtype=np.float32).reshape(4, 6)
+    hf = transform.to_hf(a)
+    assert hf.shape == transform.hf_shape(a.shape)
+    np.testing.assert_array_equal(transform.from_hf(hf), a)
+    block = (slice(1, 3), slice(2, 5))  # a block of ours is this block of the HF tensor
+    np.testing.assert_array_equal(transform.from_hf(hf[transform.hf_index(block)]), a[block])
+
+
+def test_flops_per_token_is_the_metrics_formula():
+    from lt_jax.train import metrics
+
+    cfg = ModelConfig(family="phi3", vocab_size=64, tie_word_embeddings=True)
+    tokens, pairs = 100.0, 2500.0
+    want = 6.0 * metrics.matmul_params(cfg) * tokens + 12.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * pairs
+    assert metrics.step_flops(cfg, tokens, pairs) == pytest.approx(want, rel=1e-12)
+    assert families.get("phi3").flops_per_token(cfg) == 6.0 * metrics.matmul_params(cfg)
