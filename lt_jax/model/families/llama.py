@@ -1,15 +1,7 @@
 """Llama 3.x: the plain layout, with llama3 RoPE frequency scaling."""
 
-from typing import Any
-
 from lt_jax.model.families.spec import (ATTN_O, ATTN_QKV, EMBED, HEAD, MLP_DOWN, MLP_GATE_UP, NORMS, FamilySpec,
-                                        UnsupportedConfig)
-
-
-def _check(hf: dict[str, Any]) -> None:
-    if hf.get("attention_bias"):
-        raise UnsupportedConfig("attention_bias=true (llama with q/k/v/o biases) is not supported")
-
+                                        refuse_attention_bias)
 
 SPEC = FamilySpec(
     name="llama",
@@ -17,5 +9,5 @@ SPEC = FamilySpec(
     tensors=EMBED + ATTN_QKV + ATTN_O + NORMS + MLP_GATE_UP + MLP_DOWN + HEAD,
     hf_defaults={"max_position_embeddings": 2048, "head_dim": None},
     export_switches={"attention_bias": False, "mlp_bias": False},
-    check_supported=_check,
+    check_supported=refuse_attention_bias("llama"),
 )

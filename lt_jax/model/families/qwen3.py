@@ -1,15 +1,7 @@
 """Qwen3 (dense): RMSNorm on q and k per head, an explicit head_dim (128 when absent)."""
 
-from typing import Any
-
 from lt_jax.model.families.spec import (ATTN_O, ATTN_QKV, EMBED, HEAD, MLP_DOWN, MLP_GATE_UP, NORMS, QK_NORM,
-                                        FamilySpec, UnsupportedConfig)
-
-
-def _check(hf: dict[str, Any]) -> None:
-    if hf.get("attention_bias"):
-        raise UnsupportedConfig("attention_bias=true (qwen3 with q/k/v/o biases) is not supported")
-
+                                        FamilySpec, refuse_attention_bias)
 
 SPEC = FamilySpec(
     name="qwen3",
@@ -18,5 +10,5 @@ SPEC = FamilySpec(
     qk_norm=True,
     hf_defaults={"max_position_embeddings": 32768, "head_dim": 128},
     export_switches={"attention_bias": False, "use_sliding_window": False},
-    check_supported=_check,
+    check_supported=refuse_attention_bias("qwen3"),
 )

@@ -122,6 +122,16 @@ def _no_checks(hf: dict[str, Any]) -> None:
     return None
 
 
+def refuse_attention_bias(family: str) -> Callable[[dict[str, Any]], None]:
+    """A `check_supported` for families whose HF config may switch on q/k/v/o biases we lack."""
+
+    def check(hf: dict[str, Any]) -> None:
+        if hf.get("attention_bias"):
+            raise UnsupportedConfig(f"attention_bias=true ({family} with q/k/v/o biases) is not supported")
+
+    return check
+
+
 @dataclasses.dataclass(frozen=True)
 class FamilySpec:
     """One Hugging Face model_type as the Llama-style decoder reads it."""
