@@ -21,7 +21,6 @@ import optax
 from flax import nnx
 
 from lt_jax.model import sharding as shd
-from lt_jax.model import transformer as tfm
 from lt_jax.train import loss as loss_lib
 
 

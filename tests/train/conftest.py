@@ -15,7 +15,6 @@ import functools
 import sys
 import types
 
-import numpy as np
 import pytest
 import yaml
 
