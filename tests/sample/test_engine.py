@@ -1,0 +1,151 @@
+"""The generation engine: greedy parity with transformers with more requests than slots, seeded
+streams independent of what else runs, page pressure (preemption and recompute), cancellations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hf_models import TINY, redrawn_model
+
+from lt_jax.model.hf import load_hf
+from lt_jax.sample import engine as eng
+from lt_jax.sample import sampler as smp
+
+FAMILIES = {
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, rope_theta=1000000.0, bos_token_id=None,
+                                  eos_token_id=None)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)),
+    "llama": ("LlamaConfig", dict(rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None,
+                                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                    high_freq_factor=4.0, original_max_position_embeddings=32))),
+}
+# (prompt length, new tokens): more requests than slots, a prompt longer than one prefill chunk.
+REQUESTS = ((11, 20), (4, 6), (37, 12), (1, 16), (7, 3), (20, 9))
+SMALL = eng.EngineConfig(num_slots=3, page_size=8, decode_steps=4, prefill_chunk=16)
+# Other slot count and page size, and 13 pages of 4 tokens: the longest request alone needs 12,
+# all of them together 38.
+TIGHT = eng.EngineConfig(num_slots=2, page_size=4, decode_steps=4, prefill_chunk=16, num_pages=14)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    out = {}
+    for family, (cls, extra) in FAMILIES.items():
+        model = redrawn_model(cls, extra)
+        folder = str(tmp_path_factory.mktemp(family))
+        model.save_pretrained(folder)
+        out[family] = (model, folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.RandomState(5)
+    return [[int(t) for t in rng.randint(1, TINY["vocab_size"], size=n)] for n, _ in REQUESTS]
+
+
+@pytest.fixture(scope="module")
+def qwen(hf_models):
+    return load_hf(hf_models["qwen2"][1])
+
+
+def hf_greedy(model, prompt, new):
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                             min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def greedy_specs(news=None):
+    return [[smp.RowSpec(0, temperature=0.0, max_new_tokens=new)] for _, new in (news or REQUESTS)]
+
+
+def assert_all_pages_free(engine):
+    assert engine.allocator.available == engine.config.num_pages - 1
+    assert not engine.allocator.refs.any() and not engine.busy
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_equals_transformers_with_more_requests_than_slots(hf_models, prompts, family):
+    hf_model, folder = hf_models[family]
+    engine = eng.Engine(load_hf(folder), SMALL)
+    got = engine.run(prompts, greedy_specs())
+    for p, (_, new), res in zip(prompts, REQUESTS, got):
+        assert res[0].tokens == hf_greedy(hf_model, p, new), f"prompt of length {len(p)}"
+        assert res[0].finish_reason == "length"
+    assert engine.stats["prefill_calls"] > len(prompts)  # the 37-token prompt was prefilled in chunks
+    assert_all_pages_free(engine)
+
+
+def test_page_pressure_preempts_and_recomputes_without_changing_greedy_outputs(prompts, qwen):
+    want = eng.Engine(qwen, SMALL).run(prompts, greedy_specs())
+    tight = eng.Engine(qwen, TIGHT)
+    got = tight.run(prompts, greedy_specs())
+    assert [r[0].tokens for r in got] == [r[0].tokens for r in want]
+    assert tight.stats["preempted"] > 0
+    assert_all_pages_free(tight)
+
+
+def sampled(seed, n=1, new=14, **kw):
+    return [smp.RowSpec(0, seed=smp.row_seed(seed, j), temperature=1.0, top_p=0.9, max_new_tokens=new, **kw)
+            for j in range(n)]
+
+
+def test_seeded_sample_is_the_same_alone_busy_late_and_under_other_configs(prompts, qwen):
+    target = prompts[0]
+    alone = eng.Engine(qwen, SMALL).run([target], [sampled(7, n=3)])[0]
+    # Admitted late into a full engine of other sampled and greedy requests, with other slot counts,
+    # page sizes, decode chunks, and a page budget that forces preemption.
+    for cfg in (SMALL, TIGHT):
+        engine = eng.Engine(qwen, cfg)
+        others = [engine.submit(p, sampled(100 + i, n=2, new=10)) for i, p in enumerate(prompts[1:])]
+        for _ in range(3):
+            engine.step()
+        rid = engine.submit(target, sampled(7, n=3))
+        while engine.busy:
+            engine.step()
+        assert [r.tokens for r in engine.pop(rid)] == [r.tokens for r in alone], cfg
+        assert all(engine.finished(o) for o in others)
+        assert_all_pages_free(engine)
+    assert engine.stats["preempted"] > 0
+    assert len({tuple(r.tokens) for r in alone}) == 3  # the n samples differ
+
+
+def test_random_admissions_cancellations_and_preemptions_return_every_page(prompts, qwen):
+    """A seeded property test over the engine's host bookkeeping with a tight page budget."""
+    engine = eng.Engine(qwen, TIGHT)
+    rng = np.random.RandomState(0)
+    live: list[int] = []
+    for _ in range(60):
+        op = rng.choice(["submit", "cancel", "step", "step"])
+        if op == "submit":
+            p = prompts[rng.randint(len(prompts))]
+            specs = [smp.RowSpec(0, temperature=0.0, max_new_tokens=int(rng.randint(1, 12)),
+                                 stop_token_ids=(int(rng.randint(1, 512)),)) for _ in range(rng.randint(1, 4))]
+            live.append(engine.submit(p, specs))
+        elif op == "cancel" and live:
+            rid = live.pop(rng.randint(len(live)))
+            engine.cancel(rid)
+            assert all(r.finish_reason is not None for r in engine.results(rid))
+        else:
+            engine.step()
+        held = [p for s in engine.slots if s is not None for p in s.pages]
+        held += [p for j in list(engine.ready) + [engine.prefilling] if j is not None for p in j.pages]
+        assert engine.allocator.in_use == len(set(held))
+    while engine.busy:
+        engine.step()
+    assert engine.stats["preempted"] + engine.stats["requeued"] > 0
+    assert_all_pages_free(engine)
+
+
+def test_requests_that_cannot_fit_are_refused_before_queueing(qwen):
+    engine = eng.Engine(qwen, eng.EngineConfig(num_slots=2, page_size=8, max_len=64))
+    with pytest.raises(ValueError, match="exceed the context of 64"):
+        engine.submit([1] * 60, [smp.RowSpec(0, max_new_tokens=5)])
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], [smp.RowSpec(0)])
+    assert not engine.busy
