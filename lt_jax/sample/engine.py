@@ -213,6 +213,7 @@ class Engine:
         seqs = self.requests.get(rid)
         if seqs is None:
             return
+        self.stats["cancelled"] += 1
         for s in seqs:
             if s.result.finish_reason is None:
                 s.result.finish_reason = "cancelled"
@@ -244,7 +245,12 @@ class Engine:
         before = (self.stats["prefill_calls"], self.stats["decode_calls"], self._admissions)
         with smp.mesh_context(self.mesh):
             updates = self._admit()
-            self._prefill_step()
+            budget = self.config.prefill_chunk  # prompt tokens per step, over as many prompts as fit
+            while budget > 0:
+                done = self._prefill_step()
+                if not done:
+                    break
+                budget -= done
             updates += self._admit()
             if any(self.slots):
                 updates += self._decode_step()
@@ -329,17 +335,18 @@ class Engine:
             updates += self._advance(seq, [int(first[i])])
         return updates
 
-    def _prefill_step(self) -> None:
-        """One chunk of the prefill at the head of the queue (started only when a slot waits for it)."""
+    def _prefill_step(self) -> int:
+        """One chunk of the prefill at the head of the queue, started only when a slot waits for it;
+        returns the chunk's size (0: nothing to prefill)."""
         if self.prefilling is None:
             if not self.queue or len(self._free_slots()) <= sum(len(j.seqs) for j in self.ready):
-                return
+                return 0
             job = self.queue[0]
             pages = self.allocator.alloc(paged.pages_for(len(job.ids), self.config.page_size))
             if pages is None:
                 if not any(self.slots) and self.ready:
                     self._requeue(self.ready.pop())  # held prompts block the only way forward
-                return
+                return 0
             self.queue.popleft()
             job.pages, job.done = pages, 0
             self.prefilling = job
@@ -362,6 +369,7 @@ class Engine:
             self.prefilling = None
             self.ready.append(job)
         self.stats["prefill_s"] += time.perf_counter() - t0
+        return size
 
     def _requeue(self, job: _Job) -> None:
         """A prefilled job gives its pages back and waits to be prefilled again."""

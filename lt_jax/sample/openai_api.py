@@ -9,6 +9,7 @@ extensions are accepted: `top_k` (vLLM/SGLang) and `reasoning_format` ("inline" 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from typing import Any
@@ -24,7 +25,13 @@ _UNSUPPORTED = {
     "best_of": lambda v: v not in (None, 1), "suffix": lambda v: v is not None,
     "logit_bias": lambda v: bool(v), "audio": lambda v: v is not None,
     "response_format": lambda v: isinstance(v, dict) and v.get("type") not in (None, "text"),
+    # Sampling extensions the engine does not implement yet (vLLM names): refused rather than ignored.
+    "frequency_penalty": lambda v: v not in (None, 0), "presence_penalty": lambda v: v not in (None, 0),
+    "repetition_penalty": lambda v: v not in (None, 1), "min_p": lambda v: v not in (None, 0),
+    "min_tokens": lambda v: v not in (None, 0), "ignore_eos": lambda v: bool(v),
+    "stop_token_ids": lambda v: bool(v),
 }
+_INT_MAX = 2**31 - 1  # device-side integers are int32
 
 
 class APIError(Exception):
@@ -60,7 +67,7 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(f"'{name}' must be a number, got {value!r}", param=name, code="invalid_type")
-    if value > hi or value < lo or (lo_open and value == lo):
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
         bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
         raise APIError(f"'{name}' must be in {bound}, got {value}", param=name, code="invalid_value")
     return float(value)
@@ -93,10 +100,10 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
     for name, bad in _UNSUPPORTED.items():
         if bad(body.get(name)):
             raise APIError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    top_k = _integer(body, "top_k", -1)
-    max_tokens = _integer(body, "max_completion_tokens", 1)
+    top_k = _integer(body, "top_k", -1, _INT_MAX)
+    max_tokens = _integer(body, "max_completion_tokens", 1, _INT_MAX)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1)
+        max_tokens = _integer(body, "max_tokens", 1, _INT_MAX)
     return dict(
         n=_integer(body, "n", 1, max_n) or 1,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
