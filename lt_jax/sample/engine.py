@@ -540,3 +540,27 @@ def _decode(graphdef, params, cache, token, position, count, done, table, rows: 
     carry = (jnp.int32(0), cache, token, position, count, done, out)
     _, cache, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
     return cache, out
+
+
+def abstract_calls(model_config, config: EngineConfig, graphdef, params, array) -> dict[str, tuple]:
+    """The engine's largest device calls as (jitted function, abstract args, static kwargs), for
+    ahead-of-time compiles (`lt-jax compile --sampler`): a full prefill chunk and a decode chunk over
+    every slot at the full page-table width, in the costliest sampling mode. `array(shape, dtype)`
+    makes an abstract argument. The shapes come from the same config the engine resolves."""
+    cfg = config.resolve(model_config)
+    width = paged.pages_for(cfg.max_len, cfg.page_size)
+    cache = jax.eval_shape(lambda: paged.init_pages(model_config, cfg.num_pages, cfg.page_size, _dtype(cfg.cache_dtype)))
+    cache = jax.tree.map(lambda a: array(a.shape, a.dtype), cache)
+    c, n = cfg.prefill_chunk, cfg.num_slots
+    i32 = jnp.int32
+    prefill_args = (graphdef, params, cache, array((1, c), i32), array((1, c), i32), array((1, c), jnp.bool_),
+                    array((1, width), i32), array((1,), i32))
+    specs = [smp.RowSpec(0, temperature=0.6, top_p=0.95)] * n
+    rows = jax.tree.map(lambda a: array(a.shape, a.dtype), _slot_params(specs, n))
+    decode_args = (graphdef, params, cache, array((n,), i32), array((n,), i32), array((n,), i32),
+                   array((n,), jnp.bool_), array((n, width), i32), rows)
+    return {
+        "prefill": (_prefill, prefill_args, dict(attn_impl=cfg.attn_impl)),
+        "decode": (_decode, decode_args, dict(steps=cfg.decode_steps, mode=smp.sampling_mode(specs),
+                                              attn_impl=cfg.attn_impl)),
+    }

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lt_jax.model import sharding as shd
 from lt_jax.model import transformer as tfm
 from lt_jax.model.attention import xla_attention
 
@@ -116,11 +117,15 @@ def paged_attention(q, k_pages, v_pages, page_table, positions, *, impl: str = "
 
     impl: "xla" gathers the row's pages and runs the reference attention (any platform); "pallas"
     runs JAX's paged-attention kernel for single-token decode (TPU or GPU); "auto" picks pallas
-    for decode on TPU/GPU and xla otherwise.
+    for decode on a single TPU/GPU device and xla otherwise.
     """
     s = q.shape[1]
     if impl == "auto":
-        impl = "pallas" if s == 1 and jax.default_backend() in ("tpu", "gpu") else "xla"
+        # The Mosaic/Triton kernels cannot be partitioned automatically: on a multi-device mesh
+        # the gather reference runs until a shard_map wrapper lands.
+        mesh = shd.active_mesh()
+        one_device = mesh is None or mesh.size == 1
+        impl = "pallas" if s == 1 and one_device and jax.default_backend() in ("tpu", "gpu") else "xla"
     if impl == "pallas":
         if s != 1:
             raise ValueError("the Pallas paged-attention kernels decode one token per row")
