@@ -58,6 +58,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill call
     cache_dtype: Optional[str] = None
     attn_impl: str = "auto"  # paged attention: auto | xla | pallas
+    max_logprobs: int = 20  # top-N alternatives a request may ask for
 
     def __post_init__(self):
         for name in ("num_slots", "page_size", "decode_steps", "prefill_chunk"):
@@ -181,6 +182,9 @@ class Engine:
             if paged.pages_for(total - 1, cfg.page_size) > cfg.num_pages - 1:
                 raise ValueError(f"{total} tokens need more pages than the engine's budget "
                                  f"({cfg.num_pages - 1} pages of {cfg.page_size})")
+            if s.logprobs is not None and not 0 <= s.logprobs <= cfg.max_logprobs:
+                raise ValueError(f"logprobs must be in [0, {cfg.max_logprobs}] (top alternatives per token), "
+                                 f"got {s.logprobs}")
             if s.stop and self.decode is None:
                 raise ValueError("stop strings need a decode function (a tokenizer)")
 
@@ -328,12 +332,18 @@ class Engine:
         params = smp._row_params(specs, rows)
         counts = np.zeros(rows, np.int32)
         counts[:k] = [len(seq.result.tokens) for seq, _ in placed]
-        first = np.asarray(_draw(logits, params.seed, counts, params.temperature, params.top_p, params.top_k,
-                                 mode=smp.sampling_mode(specs)))
+        drawn = _draw(logits, params.seed, counts, params.temperature, params.top_p, params.top_k,
+                      mode=smp.sampling_mode(specs), top_n=self._top_n(specs))
+        first, lp, top_ids, top_lp = (np.asarray(x)[:, None] for x in drawn)
         updates = []
         for i, (seq, _) in enumerate(placed):
-            updates += self._advance(seq, [int(first[i])])
+            asked = seq.spec.logprobs is not None
+            updates += self._advance(seq, [int(first[i, 0])], _logprob_rows(lp[i], top_ids[i], top_lp[i], 1) if asked else [])
         return updates
+
+    def _top_n(self, specs) -> int:
+        """The top-N width of a device call: 0 when no request asks for logprobs (one compile each)."""
+        return self.config.max_logprobs if any(s.logprobs is not None for s in specs) else 0
 
     def _prefill_step(self) -> int:
         """One chunk of the prefill at the head of the queue, started only when a slot waits for it;
@@ -432,10 +442,11 @@ class Engine:
             if s is not None:
                 token[i], position[i], count[i], done[i] = s.result.tokens[-1], s.length, len(s.result.tokens), False
         params = _slot_params(specs, n)
+        specs = [s.spec for s in running]
         self.cache, out = _decode(self.graphdef, self.params, self.cache, token, position, count, done, table,
-                                  params, steps=steps, mode=smp.sampling_mode([s.spec for s in running]),
-                                  attn_impl=cfg.attn_impl)
-        out = smp._to_host(out)
+                                  params, steps=steps, mode=smp.sampling_mode(specs), attn_impl=cfg.attn_impl,
+                                  top_n=self._top_n(specs))
+        out, lp, top_ids, top_lp = (smp._to_host(x) for x in out)
         self.stats["decode_calls"] += 1
         updates = []
         for i, s in enumerate(list(self.slots)):
@@ -443,14 +454,16 @@ class Engine:
                 continue
             new = [int(t) for t in out[i] if t != smp._NO_TOKEN]
             s.length += len(new)
-            updates += self._advance(s, new)
+            asked = s.spec.logprobs is not None
+            updates += self._advance(s, new, _logprob_rows(lp[i], top_ids[i], top_lp[i], len(new)) if asked else [])
         self.stats["decode_s"] += time.perf_counter() - t0
         self.stats["tokens"] += sum(len(u.tokens) for u in updates)
         self.stats["pages_peak"] = max(self.stats["pages_peak"], self.allocator.in_use)
         return updates
 
-    def _advance(self, seq: _Seq, new: list[int]) -> list[Update]:
-        """Appends a sample's new tokens, ends it on a stop token / stop string / its budget."""
+    def _advance(self, seq: _Seq, new: list[int], logprobs: list) -> list[Update]:
+        """Appends a sample's new tokens (and their logprobs, when asked), ends it on a stop token /
+        stop string / its budget."""
         res, spec = seq.result, seq.spec
         new = smp._row_tokens(np.asarray(new, np.int64), spec, len(res.tokens))
         reason, stop_reason = None, None
@@ -464,6 +477,8 @@ class Engine:
                 new = new[: keep - len(res.tokens)]
                 reason, stop_reason = "stop", res.stream.stop_match[0]
         res.tokens.extend(new)
+        if spec.logprobs is not None:
+            res.logprobs = (res.logprobs or []) + [(lp, top[: spec.logprobs]) for lp, top in logprobs[: len(new)]]
         if reason is not None:
             res.finish_reason, res.stop_reason = reason, stop_reason
             self._drop(seq)
@@ -476,6 +491,11 @@ class Engine:
             seq.slot = None
         self.allocator.release(seq.pages)
         seq.pages = []
+
+
+def _logprob_rows(lp, top_ids, top_lp, n: int) -> list:
+    """Host copies of one slot's first n tokens' (logprob, ((id, logprob), ...))."""
+    return [(float(lp[k]), tuple(zip(map(int, top_ids[k]), map(float, top_lp[k])))) for k in range(n)]
 
 
 def _slot_params(specs: Sequence[Optional[smp.RowSpec]], n: int) -> smp.RowParams:
@@ -498,9 +518,24 @@ def _slot_params(specs: Sequence[Optional[smp.RowSpec]], n: int) -> smp.RowParam
 # Device functions
 
 
-@functools.partial(jax.jit, static_argnames=("mode",))
-def _draw(logits, seeds, counts, temperature, top_p, top_k, *, mode: str):
-    return smp.sample_from_logits(logits, smp.step_keys(seeds, counts), temperature, top_p, top_k, mode=mode)
+def token_logprobs(logits, temperature, chosen, top_n: int):
+    """(chosen token's logprob [R], top-N ids [R, N], their logprobs [R, N]) from the distribution
+    the token was drawn from: softmax(logits / temperature) after temperature and before top-k /
+    top-p truncation (what OpenAI and vLLM report); greedy rows (temperature 0) use temperature 1."""
+    t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32) / t[:, None], axis=-1)
+    chosen_lp = jnp.take_along_axis(lp, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0]
+    if top_n == 0:
+        empty = jnp.zeros((logits.shape[0], 0))
+        return chosen_lp, empty.astype(jnp.int32), empty
+    top_lp, top_ids = jax.lax.top_k(lp, top_n)
+    return chosen_lp, top_ids.astype(jnp.int32), top_lp
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "top_n"))
+def _draw(logits, seeds, counts, temperature, top_p, top_k, *, mode: str, top_n: int):
+    tok = smp.sample_from_logits(logits, smp.step_keys(seeds, counts), temperature, top_p, top_k, mode=mode)
+    return (tok,) + token_logprobs(logits, temperature, tok, top_n)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"), donate_argnames=("cache",))
@@ -512,11 +547,15 @@ def _prefill(graphdef, params, cache, tokens, positions, valid, table, last, *, 
     return cache, logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "attn_impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "attn_impl", "top_n"),
+                   donate_argnames=("cache",))
 def _decode(graphdef, params, cache, token, position, count, done, table, rows: smp.RowParams, *, steps: int,
-            mode: str, attn_impl: str):
-    """Up to `steps` decode steps of every slot -> (pages, tokens [slots, steps]; -1 once a slot is done)."""
-    out = jnp.full((token.shape[0], steps), smp._NO_TOKEN, jnp.int32)
+            mode: str, attn_impl: str, top_n: int = 0):
+    """Up to `steps` decode steps of every slot -> (pages, (tokens [slots, steps]; -1 once a slot is
+    done, their logprobs [slots, steps], top-N ids and logprobs [slots, steps, top_n]))."""
+    n = token.shape[0]
+    out = (jnp.full((n, steps), smp._NO_TOKEN, jnp.int32), jnp.zeros((n, steps)),
+           jnp.zeros((n, steps, top_n), jnp.int32), jnp.zeros((n, steps, top_n)))
     last = jnp.zeros(token.shape, jnp.int32)
 
     def cond(carry):
@@ -531,7 +570,8 @@ def _decode(graphdef, params, cache, token, position, count, done, table, rows: 
         nxt = smp.sample_from_logits(logits, smp.step_keys(rows.seed, count), rows.temperature, rows.top_p,
                                      rows.top_k, mode=mode)
         nxt = jnp.where(done, smp._NO_TOKEN, nxt)
-        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
+        new = (nxt,) + token_logprobs(logits, rows.temperature, nxt, top_n)
+        out = tuple(jax.lax.dynamic_update_slice_in_dim(o, x[:, None], i, axis=1) for o, x in zip(out, new))
         live = (~done).astype(jnp.int32)
         count = count + live
         new_done = done | smp._finished(nxt, count, rows)

@@ -49,6 +49,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: Optional[int] = None  # per token: the chosen token's logprob and this many alternatives
 
     def __post_init__(self):
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -64,6 +65,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"SamplingParams.logprobs must be >= 0 (alternatives per token), got {self.logprobs}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,9 @@ class Sample:
     token_ids: tuple[int, ...]  # generated tokens, including the EOS / stop token that ended it
     finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" (max_new_tokens)
     stop_reason: Any = None  # the stop token id or stop string, when finish_reason is "stop"
+    # With SamplingParams.logprobs: per generated token (logprob, ((token id, logprob), ...) top-N),
+    # from softmax(logits / temperature) before top-k / top-p truncation (temperature 0: 1).
+    logprobs: Optional[tuple] = None
 
     @property
     def num_tokens(self) -> int:
@@ -135,7 +141,8 @@ def row_specs(params: SamplingParams, base_seed: int, stop_ids: Sequence[int]) -
 
     return [smp.RowSpec(prompt=0, seed=smp.row_seed(base_seed, j), temperature=params.temperature,
                         top_p=params.top_p, top_k=params.top_k, max_new_tokens=params.max_new_tokens,
-                        stop_token_ids=tuple(stop_ids), stop=params.stop) for j in range(params.n)]
+                        stop_token_ids=tuple(stop_ids), stop=params.stop, logprobs=params.logprobs)
+            for j in range(params.n)]
 
 
 def engine_config(config) -> Any:
@@ -215,7 +222,8 @@ def to_sample(decode, res) -> Sample:
 
     ended_by_token = res.finish_reason == "stop" and isinstance(res.stop_reason, int)
     text = final_text(decode, res.tokens, res.stream, drop_last=ended_by_token)
-    return Sample(text, tuple(res.tokens), res.finish_reason, res.stop_reason)
+    logprobs = None if res.logprobs is None else tuple(res.logprobs)
+    return Sample(text, tuple(res.tokens), res.finish_reason, res.stop_reason, logprobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +298,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--logprobs", type=int, help="with --out: per token logprob and this many alternatives")
     parser.add_argument("--out", help="write results as JSONL here (local or gs://) instead of printing texts")
 
 
@@ -350,14 +359,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = read_prompts(args)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
+                            seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+                            logprobs=args.logprobs)
     lm = load_from_args(args)
     results = generate(lm.model, lm.tokenizer, prompts, params, eos_ids=lm.eos_ids, mesh=lm.mesh, config=lm.config)
     if args.out:
         from lt_jax import storage
 
         lines = [json.dumps({"prompt": r.prompt, "prompt_tokens": len(r.prompt_token_ids), "samples": [
-            {"text": s.text, "num_tokens": s.num_tokens, "finish_reason": s.finish_reason} for s in r.samples
+            {"text": s.text, "num_tokens": s.num_tokens, "finish_reason": s.finish_reason,
+             **({"logprobs": s.logprobs} if s.logprobs is not None else {})} for s in r.samples
         ]}, ensure_ascii=False) for r in results]
         storage.write_text(args.out, "\n".join(lines) + "\n")
         print(f"wrote {len(results)} results to {args.out}", file=sys.stderr)

@@ -83,6 +83,7 @@ class RowSpec:
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    logprobs: Optional[int] = None  # engine only: per token, the chosen token's logprob and the top-N
 
 
 @dataclasses.dataclass
@@ -91,6 +92,7 @@ class RowResult:
     finish_reason: Optional[str] = None  # "stop" | "length"; None while running
     stop_reason: object = None  # the stop token id or stop string that ended the row
     stream: Optional[TextStream] = None  # text state, when tracked
+    logprobs: Optional[list] = None  # per token (logprob, ((id, logprob), ...) top-N), when asked
 
 
 class RowUpdate(NamedTuple):

@@ -149,3 +149,20 @@ def test_requests_that_cannot_fit_are_refused_before_queueing(qwen):
     with pytest.raises(ValueError, match="empty"):
         engine.submit([], [smp.RowSpec(0)])
     assert not engine.busy
+
+
+def test_logprobs_come_from_the_distribution_each_token_was_drawn_from(prompts, qwen):
+    """Chosen and top-N logprobs equal log_softmax(logits / temperature) of a full forward pass."""
+    import jax
+    import jax.numpy as jnp
+
+    spec = smp.RowSpec(0, seed=3, temperature=0.7, top_p=0.9, max_new_tokens=9, logprobs=4)
+    (res,) = eng.Engine(qwen, SMALL).run([prompts[0]], [[spec]])[0]
+    ids = prompts[0] + res.tokens
+    logits = qwen(jnp.asarray([ids]))[0, len(prompts[0]) - 1: -1]
+    want = np.asarray(jax.nn.log_softmax(logits / 0.7, axis=-1))
+    assert len(res.logprobs) == len(res.tokens) == 9
+    for k, (tok, (lp, top)) in enumerate(zip(res.tokens, res.logprobs)):
+        np.testing.assert_allclose(lp, want[k, tok], atol=2e-4)
+        assert [t for t, _ in top] == list(np.argsort(-want[k])[:4])
+        np.testing.assert_allclose([x for _, x in top], np.sort(want[k])[::-1][:4], atol=2e-4)
