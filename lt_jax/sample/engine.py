@@ -518,24 +518,10 @@ def _slot_params(specs: Sequence[Optional[smp.RowSpec]], n: int) -> smp.RowParam
 # Device functions
 
 
-def token_logprobs(logits, temperature, chosen, top_n: int):
-    """(chosen token's logprob [R], top-N ids [R, N], their logprobs [R, N]) from the distribution
-    the token was drawn from: softmax(logits / temperature) after temperature and before top-k /
-    top-p truncation (what OpenAI and vLLM report); greedy rows (temperature 0) use temperature 1."""
-    t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32) / t[:, None], axis=-1)
-    chosen_lp = jnp.take_along_axis(lp, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0]
-    if top_n == 0:
-        empty = jnp.zeros((logits.shape[0], 0))
-        return chosen_lp, empty.astype(jnp.int32), empty
-    top_lp, top_ids = jax.lax.top_k(lp, top_n)
-    return chosen_lp, top_ids.astype(jnp.int32), top_lp
-
-
 @functools.partial(jax.jit, static_argnames=("mode", "top_n"))
 def _draw(logits, seeds, counts, temperature, top_p, top_k, *, mode: str, top_n: int):
     tok = smp.sample_from_logits(logits, smp.step_keys(seeds, counts), temperature, top_p, top_k, mode=mode)
-    return (tok,) + token_logprobs(logits, temperature, tok, top_n)
+    return (tok,) + smp.token_logprobs(logits, temperature, tok, top_n)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"), donate_argnames=("cache",))
@@ -570,7 +556,7 @@ def _decode(graphdef, params, cache, token, position, count, done, table, rows: 
         nxt = smp.sample_from_logits(logits, smp.step_keys(rows.seed, count), rows.temperature, rows.top_p,
                                      rows.top_k, mode=mode)
         nxt = jnp.where(done, smp._NO_TOKEN, nxt)
-        new = (nxt,) + token_logprobs(logits, rows.temperature, nxt, top_n)
+        new = (nxt,) + smp.token_logprobs(logits, rows.temperature, nxt, top_n)
         out = tuple(jax.lax.dynamic_update_slice_in_dim(o, x[:, None], i, axis=1) for o, x in zip(out, new))
         live = (~done).astype(jnp.int32)
         count = count + live

@@ -172,6 +172,20 @@ def sample_from_logits(
     return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
 
 
+def token_logprobs(logits, temperature, chosen, top_n: int):
+    """(chosen token's logprob [R], top-N ids [R, N], their logprobs [R, N]) from the distribution
+    the token was drawn from: softmax(logits / temperature) after temperature and before top-k /
+    top-p truncation (what OpenAI and vLLM report); greedy rows (temperature 0) use temperature 1."""
+    t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32) / t[:, None], axis=-1)
+    chosen_lp = jnp.take_along_axis(lp, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0]
+    if top_n == 0:
+        empty = jnp.zeros((logits.shape[0], 0))
+        return chosen_lp, empty.astype(jnp.int32), empty
+    top_lp, top_ids = jax.lax.top_k(lp, top_n)
+    return chosen_lp, top_ids.astype(jnp.int32), top_lp
+
+
 def sampling_mode(rows: Sequence["RowSpec"]) -> str:
     """The cheapest `sample_from_logits` mode that serves every row."""
     if all(r.temperature == 0 for r in rows):
