@@ -465,22 +465,10 @@ class Engine:
         """Appends a sample's new tokens (and their logprobs, when asked), ends it on a stop token /
         stop string / its budget."""
         res, spec = seq.result, seq.spec
-        new = smp._row_tokens(np.asarray(new, np.int64), spec, len(res.tokens))
-        reason, stop_reason = None, None
-        if new and new[-1] in spec.stop_token_ids:
-            reason, stop_reason = "stop", new[-1]
-        elif len(res.tokens) + len(new) >= spec.max_new_tokens:
-            reason = "length"
-        if res.stream is not None:
-            keep = res.stream.push(new[:-1] if stop_reason is not None else new)
-            if keep is not None:  # a stop string completed inside these tokens
-                new = new[: keep - len(res.tokens)]
-                reason, stop_reason = "stop", res.stream.stop_match[0]
-        res.tokens.extend(new)
+        new, reason = smp.advance_row(res, spec, np.asarray(new, np.int64))
         if spec.logprobs is not None:
             res.logprobs = (res.logprobs or []) + [(lp, top[: spec.logprobs]) for lp, top in logprobs[: len(new)]]
         if reason is not None:
-            res.finish_reason, res.stop_reason = reason, stop_reason
             self._drop(seq)
         return [Update(seq.request, seq.index, new, reason)] if (new or reason) else []
 

@@ -436,25 +436,34 @@ class Sampler:
         for r, (spec, res) in enumerate(zip(rows, results)):
             if res.finish_reason is not None:
                 continue
-            new = _row_tokens(chunk[r], spec, len(res.tokens))
-            reason, stop_reason = None, None
-            if new and new[-1] in spec.stop_token_ids:
-                reason, stop_reason = "stop", new[-1]
-            elif len(res.tokens) + len(new) >= spec.max_new_tokens:
-                reason = "length"
-            if res.stream is not None:
-                # A stop token is in the row's tokens but not its text.
-                keep = res.stream.push(new[:-1] if stop_reason is not None else new)
-                if keep is not None:  # a stop string completed inside this chunk
-                    new = new[: keep - len(res.tokens)]
-                    reason, stop_reason = "stop", res.stream.stop_match[0]
-            res.tokens.extend(new)
+            new, reason = advance_row(res, spec, chunk[r])
             if reason is not None:
-                res.finish_reason, res.stop_reason = reason, stop_reason
                 host_done[r] = True
             if new or reason is not None:
                 updates.append(RowUpdate(r, new, reason))
         return updates
+
+
+def advance_row(res: RowResult, spec: RowSpec, chunk_row) -> tuple[list[int], Optional[str]]:
+    """Appends a row's new tokens from a device chunk (up to its first stop token id, its budget or
+    a stop string completed in them) and ends it when one of those hit: (tokens appended, finish
+    reason or None). Shared by the lockstep sampler and the engine."""
+    new = _row_tokens(np.asarray(chunk_row), spec, len(res.tokens))
+    reason, stop_reason = None, None
+    if new and new[-1] in spec.stop_token_ids:
+        reason, stop_reason = "stop", new[-1]
+    elif len(res.tokens) + len(new) >= spec.max_new_tokens:
+        reason = "length"
+    if res.stream is not None:
+        # A stop token is in the row's tokens but not its text.
+        keep = res.stream.push(new[:-1] if stop_reason is not None else new)
+        if keep is not None:  # a stop string completed inside this chunk
+            new = new[: keep - len(res.tokens)]
+            reason, stop_reason = "stop", res.stream.stop_match[0]
+    res.tokens.extend(new)
+    if reason is not None:
+        res.finish_reason, res.stop_reason = reason, stop_reason
+    return new, reason
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -6,20 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_models import TINY, redrawn_model
+from hf_models import TINY, hf_greedy, saved_models
+from test_sampler import FAMILIES as LOCKSTEP_FAMILIES
 
 from lt_jax.model.hf import load_hf
 from lt_jax.sample import engine as eng
 from lt_jax.sample import sampler as smp
 
-FAMILIES = {
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, rope_theta=1000000.0, bos_token_id=None,
-                                  eos_token_id=None)),
-    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)),
-    "llama": ("LlamaConfig", dict(rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None,
-                                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                    high_freq_factor=4.0, original_max_position_embeddings=32))),
-}
+FAMILIES = {**LOCKSTEP_FAMILIES,
+            "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False, bos_token_id=None,
+                                          eos_token_id=None))}
 # (prompt length, new tokens): more requests than slots, a prompt longer than one prefill chunk.
 REQUESTS = ((11, 20), (4, 6), (37, 12), (1, 16), (7, 3), (20, 9))
 SMALL = eng.EngineConfig(num_slots=3, page_size=8, decode_steps=4, prefill_chunk=16)
@@ -30,13 +26,7 @@ TIGHT = eng.EngineConfig(num_slots=2, page_size=4, decode_steps=4, prefill_chunk
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    out = {}
-    for family, (cls, extra) in FAMILIES.items():
-        model = redrawn_model(cls, extra)
-        folder = str(tmp_path_factory.mktemp(family))
-        model.save_pretrained(folder)
-        out[family] = (model, folder)
-    return out
+    return saved_models(tmp_path_factory, FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +38,6 @@ def prompts():
 @pytest.fixture(scope="module")
 def qwen(hf_models):
     return load_hf(hf_models["qwen2"][1])
-
-
-def hf_greedy(model, prompt, new):
-    import torch
-
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                             min_new_tokens=new, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
 
 
 def greedy_specs(news=None):

@@ -12,7 +12,7 @@ import urllib.request
 import openai
 import pytest
 
-from test_generate import CHAT, build_tokenizer
+from test_generate import CHAT, hf_folder  # noqa: F401 (the tiny model fixture)
 
 import lt_jax
 from lt_jax.sample.engine import EngineConfig
@@ -20,28 +20,10 @@ from lt_jax.sample.generate import SamplingParams, generate, load_tokenizer
 from lt_jax.sample.model_backend import ModelBackend
 from lt_jax.sample.server import ServerConfig, ServerThread
 
-CONTEXT = 256
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(server, backend, model, tokenizer): a tiny Qwen2 behind `lt-jax serve`'s engine runner."""
-    import torch
-    import transformers
-
-    folder = str(tmp_path_factory.mktemp("tiny_served"))
-    tok = load_tokenizer(build_tokenizer(folder))
-    config = transformers.Qwen2Config(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=CONTEXT, tie_word_embeddings=True,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=None)
-    torch.manual_seed(1)
-    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    hf.save_pretrained(folder)
-    model = lt_jax.load_hf(folder)
+def served(hf_folder):
+    """(server, backend, model, tokenizer): test_generate's tiny Qwen2 behind the engine runner."""
+    model, tok = lt_jax.load_hf(hf_folder), load_tokenizer(hf_folder)
     backend = ModelBackend(model, tok, "tiny", max_new_tokens=200,
                            config=EngineConfig(num_slots=64, page_size=16, decode_steps=8, prefill_chunk=64))
     with ServerThread(backend, ServerConfig(port=0)) as srv:
