@@ -46,6 +46,8 @@ class GenRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # token-level backends only (the model backend)
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):
@@ -191,6 +193,11 @@ class SyntheticBackend:
             seed = 0 if request.temperature == 0 else choice_seed(request.seed, i)
             out.append(apply_stop_and_limit(self.full_text(problem, seed), request.stop, request.max_tokens))
         return out
+
+    def validate(self, request: GenRequest) -> None:
+        """Token-level parameters mean nothing to a rule-based teacher: refused, not ignored."""
+        if request.stop_token_ids or request.ignore_eos:
+            raise ValueError("stop_token_ids and ignore_eos are not supported by the synthetic teacher")
 
     def _prompt_tokens(self, request: GenRequest) -> int:
         text = request.prompt if request.prompt is not None else render_chat(request.messages)

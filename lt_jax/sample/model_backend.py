@@ -64,6 +64,7 @@ class ModelBackend:
         self._decode = make_decoder(tokenizer, skip_special_tokens)
         self.engine = Engine(model, engine_config(config), mesh, self._decode)
         self.context = self.engine.config.max_len
+        self.vocab_size = model.config.vocab_size
         self.batch_sizes: list[int] = []  # rows per batch call, for tests and /stats
         # engine request id -> (prompt tokens, text sent per choice, choices still running)
         self._open: dict[int, tuple[int, list[str], list[int]]] = {}
@@ -86,8 +87,11 @@ class ModelBackend:
                              f"at most {min(room, self.max_new_tokens)} here")
         budget = req.max_tokens or min(self.max_new_tokens, room)
         seed = int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed
+        if any(not 0 <= i < self.vocab_size for i in req.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids below the vocabulary size {self.vocab_size}")
+        stop_ids = tuple(dict.fromkeys((() if req.ignore_eos else self.eos_ids) + tuple(req.stop_token_ids)))
         specs = tuple(RowSpec(prompt=0, seed=row_seed(seed, j), temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k or 0, max_new_tokens=budget, stop_token_ids=self.eos_ids,
+                              top_k=req.top_k or 0, max_new_tokens=budget, stop_token_ids=stop_ids,
                               stop=tuple(req.stop)) for j in range(req.n))
         self.engine.check(ids, specs)
         return Prepared(tuple(ids), specs)

@@ -28,8 +28,7 @@ _UNSUPPORTED = {
     # Sampling extensions the engine does not implement yet (vLLM names): refused rather than ignored.
     "frequency_penalty": lambda v: v not in (None, 0), "presence_penalty": lambda v: v not in (None, 0),
     "repetition_penalty": lambda v: v not in (None, 1), "min_p": lambda v: v not in (None, 0),
-    "min_tokens": lambda v: v not in (None, 0), "ignore_eos": lambda v: bool(v),
-    "stop_token_ids": lambda v: bool(v),
+    "min_tokens": lambda v: v not in (None, 0),
 }
 _INT_MAX = 2**31 - 1  # device-side integers are int32
 
@@ -112,7 +111,27 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
         max_tokens=max_tokens,
         stop=_stop(body),
         seed=_integer(body, "seed", -(2**63)),
+        stop_token_ids=_token_ids(body, "stop_token_ids"),
+        ignore_eos=_boolean(body, "ignore_eos"),
     )
+
+
+def _token_ids(body: dict, name: str) -> tuple[int, ...]:
+    value = body.get(name) or []
+    if (not isinstance(value, list) or len(value) > 64
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= _INT_MAX for i in value)):
+        raise APIError(f"'{name}' must be a list of at most 64 token ids (non-negative integers)", param=name,
+                       code="invalid_value")
+    return tuple(value)
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(f"'{name}' must be a boolean, got {value!r}", param=name, code="invalid_type")
+    return value
 
 
 def _common(body: Any, served: str) -> tuple[str, bool, bool]:

@@ -46,7 +46,7 @@ BAD = {  # each gets a 400 naming its problem while its neighbours are served
     "frequency_penalty": (dict(frequency_penalty=0.5), "frequency_penalty"),
     "presence_penalty": (dict(presence_penalty=0.5), "presence_penalty"),
     "min_tokens": (dict(min_tokens=3), "min_tokens"),
-    "ignore_eos": (dict(ignore_eos=True), "ignore_eos"),
+    "stop_token_id_out_of_vocab": (dict(stop_token_ids=[10**6]), "vocabulary"),
 }
 
 
@@ -137,3 +137,19 @@ def test_a_disconnected_stream_frees_its_slot_and_pages(served):
         time.sleep(0.05)
     assert not backend.engine.busy and backend.engine.allocator.in_use == 0
     assert backend.engine.stats["cancelled"] > cancelled  # stopped, not run to its end
+
+
+def test_stop_token_ids_and_ignore_eos_are_honoured(served):
+    srv, _, model, tok = served
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
+    (free,) = generate(model, tok, [CHAT], params)
+    ids = list(free.samples[0].token_ids)
+    stop = ids[3]
+    cut = ids.index(stop)
+    client = openai.OpenAI(base_url=srv.url, api_key="-", max_retries=0)
+    kw = dict(model="tiny", messages=CHAT, temperature=0, max_tokens=16)
+    r = client.chat.completions.create(**kw, extra_body=dict(ignore_eos=True))
+    assert (r.choices[0].message.content, r.usage.completion_tokens) == (free.texts[0], 16)
+    r = client.chat.completions.create(**kw, extra_body=dict(ignore_eos=True, stop_token_ids=[stop]))
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == cut + 1
+    assert r.choices[0].message.content == tok.decode(ids[:cut], skip_special_tokens=True)
