@@ -48,6 +48,7 @@ class GenRequest:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # token-level backends only (the model backend)
     ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives per token (None: no logprobs)
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):
@@ -85,6 +86,8 @@ class StreamEvent:
     finish_reason: str | None = None
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    # last event, when asked: per token (text, logprob, ((text, logprob), ...) alternatives)
+    logprobs: tuple | None = None
 
 
 @runtime_checkable
@@ -196,8 +199,8 @@ class SyntheticBackend:
 
     def validate(self, request: GenRequest) -> None:
         """Token-level parameters mean nothing to a rule-based teacher: refused, not ignored."""
-        if request.stop_token_ids or request.ignore_eos:
-            raise ValueError("stop_token_ids and ignore_eos are not supported by the synthetic teacher")
+        if request.stop_token_ids or request.ignore_eos or request.logprobs is not None:
+            raise ValueError("stop_token_ids, ignore_eos and logprobs are not supported by the synthetic teacher")
 
     def _prompt_tokens(self, request: GenRequest) -> int:
         text = request.prompt if request.prompt is not None else render_chat(request.messages)

@@ -92,7 +92,7 @@ class ModelBackend:
         stop_ids = tuple(dict.fromkeys((() if req.ignore_eos else self.eos_ids) + tuple(req.stop_token_ids)))
         specs = tuple(RowSpec(prompt=0, seed=row_seed(seed, j), temperature=req.temperature, top_p=req.top_p,
                               top_k=req.top_k or 0, max_new_tokens=budget, stop_token_ids=stop_ids,
-                              stop=tuple(req.stop)) for j in range(req.n))
+                              stop=tuple(req.stop), logprobs=req.logprobs) for j in range(req.n))
         self.engine.check(ids, specs)
         return Prepared(tuple(ids), specs)
 
@@ -133,12 +133,21 @@ class ModelBackend:
             text = to_sample(self._decode, res).text
             # The full decode is the truth; the streamed prefix normally matches it exactly.
             rest = text[len(sent[u.index]):] if text.startswith(sent[u.index]) else ""
-            out.append((u.request, StreamEvent(0, u.index, rest, u.finish_reason, len(res.tokens), prompt_tokens)))
+            out.append((u.request, StreamEvent(0, u.index, rest, u.finish_reason, len(res.tokens), prompt_tokens,
+                                               self._logprob_entries(res))))
             left[0] -= 1
             if not left[0]:
                 self.engine.pop(u.request)
                 del self._open[u.request]
         return out
+
+    def _logprob_entries(self, res) -> Optional[tuple]:
+        """(token text, logprob, ((text, logprob), ...)) per generated token, when asked."""
+        if res.logprobs is None:
+            return None
+        text = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        return tuple((text(t), lp, tuple((text(a), alp) for a, alp in top))
+                     for t, (lp, top) in zip(res.tokens, res.logprobs))
 
     # -- a whole batch at once ------------------------------------------------------------------
 

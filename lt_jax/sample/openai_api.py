@@ -20,7 +20,6 @@ REASONING_FORMATS = ("inline", "separate")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Parameters that would change the output in ways the backends cannot honour: refuse, don't ignore.
 _UNSUPPORTED = {
-    "logprobs": lambda v: bool(v), "top_logprobs": lambda v: v not in (None, 0),
     "tools": lambda v: bool(v), "functions": lambda v: bool(v), "echo": lambda v: bool(v),
     "best_of": lambda v: v not in (None, 1), "suffix": lambda v: v is not None,
     "logit_bias": lambda v: bool(v), "audio": lambda v: v is not None,
@@ -183,10 +182,31 @@ def _reasoning_format(body: dict, default: str) -> str:
     return value
 
 
+MAX_LOGPROBS = 20
+
+
+def _logprobs(body: dict, chat: bool, stream: bool) -> int | None:
+    """Top alternatives per token wanted (None: no logprobs). Chat: `logprobs` true and
+    `top_logprobs`; completions: `logprobs` as the count."""
+    if chat:
+        wanted = _boolean(body, "logprobs")
+        top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+        if top is not None and not wanted:
+            raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+        count = (top or 0) if wanted else None
+    else:
+        count = _integer(body, "logprobs", 0, MAX_LOGPROBS)
+    if count is not None and stream:
+        raise APIError("logprobs are not supported with stream=true yet", param="logprobs",
+                       code="unsupported_parameter")
+    return count
+
+
 def parse_chat(body: Any, served: str, *, max_n: int, reasoning_format: str) -> ParsedCall:
     """Validates a /v1/chat/completions body; raises APIError naming the bad field."""
     model, stream, usage = _common(body, served)
-    request = GenRequest(messages=_messages(body.get("messages")), **_sampling(body, max_n))
+    request = GenRequest(messages=_messages(body.get("messages")), **_sampling(body, max_n),
+                         logprobs=_logprobs(body, True, stream))
     return ParsedCall(model, (request,), stream, usage, _reasoning_format(body, reasoning_format))
 
 
@@ -200,7 +220,7 @@ def parse_completion(body: Any, served: str, *, max_n: int, max_prompts: int = 6
                        param="prompt", code="invalid_type")
     if len(prompts) > max_prompts:
         raise APIError(f"at most {max_prompts} prompts per request", param="prompt", code="invalid_value")
-    sampling = _sampling(body, max_n)
+    sampling = dict(_sampling(body, max_n), logprobs=_logprobs(body, False, stream))
     return ParsedCall(model, tuple(GenRequest(prompt=p, **sampling) for p in prompts), stream, usage, "inline")
 
 
@@ -306,24 +326,51 @@ def chat_message(text: str, reasoning_format: str) -> dict[str, Any]:
 
 
 def chat_response(call_id: str, model: str, choices: list[tuple[str, str]], reasoning_format: str,
-                  use: dict[str, int]) -> dict[str, Any]:
-    """A chat.completion body; `choices` are (text, finish_reason) pairs in index order."""
+                  use: dict[str, int], logprobs: list | None = None) -> dict[str, Any]:
+    """A chat.completion body; `choices` are (text, finish_reason) pairs in index order; logprobs:
+    per choice, (token text, logprob, [(token text, logprob), ...]) per generated token, or None."""
+    logprobs = logprobs or [None] * len(choices)
     return {
         "id": call_id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "message": chat_message(text, reasoning_format), "finish_reason": finish,
-                     "logprobs": None} for i, (text, finish) in enumerate(choices)],
+                     "logprobs": chat_logprobs(lp)} for i, ((text, finish), lp) in enumerate(zip(choices, logprobs))],
         "usage": use,
     }
 
 
 def completion_response(call_id: str, model: str, choices: list[tuple[str, str]],
-                        use: dict[str, int]) -> dict[str, Any]:
+                        use: dict[str, int], logprobs: list | None = None) -> dict[str, Any]:
+    logprobs = logprobs or [None] * len(choices)
     return {
         "id": call_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-                    for i, (text, finish) in enumerate(choices)],
+        "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": completion_logprobs(lp)}
+                    for i, ((text, finish), lp) in enumerate(zip(choices, logprobs))],
         "usage": use,
     }
+
+
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(entries: list | None) -> dict[str, Any] | None:
+    """The chat `logprobs` object ({"content": [...]}) of a choice's token entries."""
+    if entries is None:
+        return None
+    return {"content": [dict(_token(t, lp), top_logprobs=[_token(a, alp) for a, alp in top])
+                        for t, lp, top in entries]}
+
+
+def completion_logprobs(entries: list | None) -> dict[str, Any] | None:
+    """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    if entries is None:
+        return None
+    offsets, at = [], 0
+    for t, _, _ in entries:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
 
 
 def chat_chunk(call_id: str, model: str, index: int, delta: dict[str, Any],

@@ -364,6 +364,7 @@ class _Handlers:
             gone()
             log.info("client left before its answer; its requests are cancelled")
             return web.Response(status=499)
+        logprobs: list = [None] * expected
         for tag, ev in events:
             index = tag * n + ev.choice
             texts[index].append(ev.text)
@@ -371,10 +372,11 @@ class _Handlers:
                 finish[index] = ev.finish_reason
                 prompt_tokens[tag] = ev.prompt_tokens
                 completion_tokens += ev.completion_tokens
+                logprobs[index] = getattr(ev, "logprobs", None)
         choices = [("".join(t), f) for t, f in zip(texts, finish)]
         use = api.usage(sum(prompt_tokens), completion_tokens)
-        body = (api.chat_response(call_id, call.model, choices, call.reasoning_format, use) if chat
-                else api.completion_response(call_id, call.model, choices, use))
+        body = (api.chat_response(call_id, call.model, choices, call.reasoning_format, use, logprobs) if chat
+                else api.completion_response(call_id, call.model, choices, use, logprobs))
         return web.json_response(body)
 
     async def _stream(self, request, call, out, expected, call_id, chat, gone=None) -> web.StreamResponse:

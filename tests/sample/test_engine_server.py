@@ -153,3 +153,27 @@ def test_stop_token_ids_and_ignore_eos_are_honoured(served):
     r = client.chat.completions.create(**kw, extra_body=dict(ignore_eos=True, stop_token_ids=[stop]))
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == cut + 1
     assert r.choices[0].message.content == tok.decode(ids[:cut], skip_special_tokens=True)
+
+
+def test_logprobs_equal_the_engines(served):
+    srv, _, model, tok = served
+    params = SamplingParams(temperature=0.7, seed=5, max_new_tokens=8, logprobs=3, ignore_eos=True)
+    (want,) = generate(model, tok, [CHAT], params)
+    client = openai.OpenAI(base_url=srv.url, api_key="-", max_retries=0)
+    r = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0.7, seed=5, max_tokens=8,
+                                       logprobs=True, top_logprobs=3, extra_body=dict(ignore_eos=True))
+    got = r.choices[0].logprobs.content
+    assert [c.token for c in got] == [tok.decode([t]) for t in want.samples[0].token_ids]
+    for c, (lp, top) in zip(got, want.samples[0].logprobs):
+        assert c.logprob == pytest.approx(lp, abs=1e-5)
+        assert [a.token for a in c.top_logprobs] == [tok.decode([i]) for i, _ in top]
+        assert [a.logprob for a in c.top_logprobs] == pytest.approx([x for _, x in top], abs=1e-5)
+    # Legacy completions: `logprobs` is the count of alternatives.
+    prompt = "The answer is"
+    (want,) = generate(model, tok, [prompt], params)
+    c = client.completions.create(model="tiny", prompt=prompt, temperature=0.7, seed=5, max_tokens=8, logprobs=3,
+                                  extra_body=dict(ignore_eos=True)).choices[0]
+    assert c.logprobs.token_logprobs == pytest.approx([lp for lp, _ in want.samples[0].logprobs], abs=1e-5)
+    assert "".join(c.logprobs.tokens) == tok.decode(list(want.samples[0].token_ids)) and len(c.logprobs.top_logprobs) == 8
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.chat.completions.create(model="tiny", messages=CHAT, logprobs=True, stream=True)
