@@ -94,3 +94,17 @@ def test_eval_through_the_engine_equals_the_lockstep_sampler_per_item(tiny_hf, t
     by_id = {r["id"]: r for r in recs}
     for it, text in zip(items, want):
         assert [s["text"] for s in by_id[it.id]["samples"]] == [text, text]
+
+
+def test_a_problem_too_long_for_the_context_gets_error_samples_not_a_crash(tiny_hf):
+    from lt_jax.eval.generators import SamplerGenerator, SamplingConfig
+    from lt_jax.sample import generate as gen
+    from lt_jax.sample.engine import EngineConfig
+
+    model, tok = gen.load_model(hf=tiny_hf), gen.load_tokenizer(tiny_hf)
+    generator = SamplerGenerator(model, tok, "tiny", sampler_config=EngineConfig(num_slots=2, max_len=64))
+    short, long = [{"role": "user", "content": "2+2?"}], [{"role": "user", "content": "x" * 200}]
+    out = generator.generate([short, long, short], 2, SamplingConfig(temperature=0.0, max_new_tokens=4))
+    assert [c.finish_reason for c in out[1]] == ["error", "error"] and "context of 64" in out[1][0].error
+    assert all(c.finish_reason in ("stop", "length") and c.num_tokens >= 1 for c in out[0] + out[2])
+    assert [c.text for c in out[0]] == [c.text for c in out[2]]
