@@ -49,6 +49,8 @@ class GenRequest:
     stop_token_ids: tuple[int, ...] = ()  # token-level backends only (the model backend)
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token (None: no logprobs)
+    min_p: float = 0.0
+    min_tokens: int = 0
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):
@@ -199,8 +201,10 @@ class SyntheticBackend:
 
     def validate(self, request: GenRequest) -> None:
         """Token-level parameters mean nothing to a rule-based teacher: refused, not ignored."""
-        if request.stop_token_ids or request.ignore_eos or request.logprobs is not None:
-            raise ValueError("stop_token_ids, ignore_eos and logprobs are not supported by the synthetic teacher")
+        if (request.stop_token_ids or request.ignore_eos or request.logprobs is not None or request.min_p
+                or request.min_tokens):
+            raise ValueError("stop_token_ids, ignore_eos, logprobs, min_p and min_tokens are not supported by the "
+                             "synthetic teacher")
 
     def _prompt_tokens(self, request: GenRequest) -> int:
         text = request.prompt if request.prompt is not None else render_chat(request.messages)

@@ -182,6 +182,9 @@ class Engine:
             if paged.pages_for(total - 1, cfg.page_size) > cfg.num_pages - 1:
                 raise ValueError(f"{total} tokens need more pages than the engine's budget "
                                  f"({cfg.num_pages - 1} pages of {cfg.page_size})")
+            if not 0 <= s.min_p <= 1 or not 0 <= s.min_tokens <= s.max_new_tokens:
+                raise ValueError(f"min_p must be in [0, 1] and min_tokens in [0, max_new_tokens], got "
+                                 f"{s.min_p} and {s.min_tokens}")
             if s.logprobs is not None and not 0 <= s.logprobs <= cfg.max_logprobs:
                 raise ValueError(f"logprobs must be in [0, {cfg.max_logprobs}] (top alternatives per token), "
                                  f"got {s.logprobs}")
@@ -332,8 +335,8 @@ class Engine:
         params = smp._row_params(specs, rows)
         counts = np.zeros(rows, np.int32)
         counts[:k] = [len(seq.result.tokens) for seq, _ in placed]
-        drawn = _draw(logits, params.seed, counts, params.temperature, params.top_p, params.top_k,
-                      mode=smp.sampling_mode(specs), top_n=self._top_n(specs))
+        drawn = _draw(logits, params, counts, _limits(specs, rows), mode=smp.sampling_mode(specs),
+                      top_n=self._top_n(specs))
         first, lp, top_ids, top_lp = (np.asarray(x)[:, None] for x in drawn)
         updates = []
         for i, (seq, _) in enumerate(placed):
@@ -441,10 +444,10 @@ class Engine:
         for i, s in enumerate(self.slots):
             if s is not None:
                 token[i], position[i], count[i], done[i] = s.result.tokens[-1], s.length, len(s.result.tokens), False
-        params = _slot_params(specs, n)
+        params, limits = _slot_params(specs, n), _limits(specs, n)
         specs = [s.spec for s in running]
         self.cache, out = _decode(self.graphdef, self.params, self.cache, token, position, count, done, table,
-                                  params, steps=steps, mode=smp.sampling_mode(specs), attn_impl=cfg.attn_impl,
+                                  params, limits, steps=steps, mode=smp.sampling_mode(specs), attn_impl=cfg.attn_impl,
                                   top_n=self._top_n(specs))
         out, lp, top_ids, top_lp = (smp._to_host(x) for x in out)
         self.stats["decode_calls"] += 1
@@ -506,10 +509,33 @@ def _slot_params(specs: Sequence[Optional[smp.RowSpec]], n: int) -> smp.RowParam
 # Device functions
 
 
+class Limits(NamedTuple):
+    """Per-row constraints on the draw: min_tokens [R] i32, min_p [R] f32."""
+
+    min_tokens: jax.Array
+    min_p: jax.Array
+
+
+def _limits(specs: Sequence[Optional[smp.RowSpec]], n: int) -> Limits:
+    min_tokens, min_p = np.zeros(n, np.int32), np.zeros(n, np.float32)
+    for i, s in enumerate(specs):
+        if s is not None:
+            min_tokens[i], min_p[i] = s.min_tokens, s.min_p
+    return Limits(min_tokens, min_p)
+
+
+def _sample(logits, rows: smp.RowParams, count, limits: Limits, mode: str, top_n: int):
+    """(tokens, logprobs...): the draw under min_tokens / min_p; logprobs of the unconstrained
+    distribution after temperature."""
+    allowed = smp.constrain_logits(logits, count, rows.temperature, rows.stop_ids, limits.min_tokens, limits.min_p)
+    tok = smp.sample_from_logits(allowed, smp.step_keys(rows.seed, count), rows.temperature, rows.top_p, rows.top_k,
+                                 mode=mode)
+    return (tok,) + smp.token_logprobs(logits, rows.temperature, tok, top_n)
+
+
 @functools.partial(jax.jit, static_argnames=("mode", "top_n"))
-def _draw(logits, seeds, counts, temperature, top_p, top_k, *, mode: str, top_n: int):
-    tok = smp.sample_from_logits(logits, smp.step_keys(seeds, counts), temperature, top_p, top_k, mode=mode)
-    return (tok,) + smp.token_logprobs(logits, temperature, tok, top_n)
+def _draw(logits, rows: smp.RowParams, counts, limits: Limits, *, mode: str, top_n: int):
+    return _sample(logits, rows, counts, limits, mode, top_n)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"), donate_argnames=("cache",))
@@ -523,8 +549,8 @@ def _prefill(graphdef, params, cache, tokens, positions, valid, table, last, *, 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "attn_impl", "top_n"),
                    donate_argnames=("cache",))
-def _decode(graphdef, params, cache, token, position, count, done, table, rows: smp.RowParams, *, steps: int,
-            mode: str, attn_impl: str, top_n: int = 0):
+def _decode(graphdef, params, cache, token, position, count, done, table, rows: smp.RowParams, limits: Limits, *,
+            steps: int, mode: str, attn_impl: str, top_n: int = 0):
     """Up to `steps` decode steps of every slot -> (pages, (tokens [slots, steps]; -1 once a slot is
     done, their logprobs [slots, steps], top-N ids and logprobs [slots, steps, top_n]))."""
     n = token.shape[0]
@@ -541,10 +567,9 @@ def _decode(graphdef, params, cache, token, position, count, done, table, rows: 
         model = nnx.merge(graphdef, params)
         logits, cache = paged.forward(model, token[:, None], position[:, None], ~done[:, None], table, cache, last,
                                       attn_impl=attn_impl)
-        nxt = smp.sample_from_logits(logits, smp.step_keys(rows.seed, count), rows.temperature, rows.top_p,
-                                     rows.top_k, mode=mode)
+        nxt, *lps = _sample(logits, rows, count, limits, mode, top_n)
         nxt = jnp.where(done, smp._NO_TOKEN, nxt)
-        new = (nxt,) + smp.token_logprobs(logits, rows.temperature, nxt, top_n)
+        new = (nxt, *lps)
         out = tuple(jax.lax.dynamic_update_slice_in_dim(o, x[:, None], i, axis=1) for o, x in zip(out, new))
         live = (~done).astype(jnp.int32)
         count = count + live
@@ -571,8 +596,9 @@ def abstract_calls(model_config, config: EngineConfig, graphdef, params, array) 
                     array((1, width), i32), array((1,), i32))
     specs = [smp.RowSpec(0, temperature=0.6, top_p=0.95)] * n
     rows = jax.tree.map(lambda a: array(a.shape, a.dtype), _slot_params(specs, n))
+    limits = jax.tree.map(lambda a: array(a.shape, a.dtype), _limits(specs, n))
     decode_args = (graphdef, params, cache, array((n,), i32), array((n,), i32), array((n,), i32),
-                   array((n,), jnp.bool_), array((n, width), i32), rows)
+                   array((n,), jnp.bool_), array((n, width), i32), rows, limits)
     return {
         "prefill": (_prefill, prefill_args, dict(attn_impl=cfg.attn_impl)),
         "decode": (_decode, decode_args, dict(steps=cfg.decode_steps, mode=smp.sampling_mode(specs),

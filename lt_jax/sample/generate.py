@@ -50,6 +50,8 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None  # per token: the chosen token's logprob and this many alternatives
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (after temperature)
+    min_tokens: int = 0  # EOS / stop token ids cannot end a sample before this many tokens
 
     def __post_init__(self):
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -141,7 +143,8 @@ def row_specs(params: SamplingParams, base_seed: int, stop_ids: Sequence[int]) -
 
     return [smp.RowSpec(prompt=0, seed=smp.row_seed(base_seed, j), temperature=params.temperature,
                         top_p=params.top_p, top_k=params.top_k, max_new_tokens=params.max_new_tokens,
-                        stop_token_ids=tuple(stop_ids), stop=params.stop, logprobs=params.logprobs)
+                        stop_token_ids=tuple(stop_ids), stop=params.stop, logprobs=params.logprobs,
+                        min_p=params.min_p, min_tokens=params.min_tokens)
             for j in range(params.n)]
 
 

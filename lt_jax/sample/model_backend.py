@@ -92,7 +92,8 @@ class ModelBackend:
         stop_ids = tuple(dict.fromkeys((() if req.ignore_eos else self.eos_ids) + tuple(req.stop_token_ids)))
         specs = tuple(RowSpec(prompt=0, seed=row_seed(seed, j), temperature=req.temperature, top_p=req.top_p,
                               top_k=req.top_k or 0, max_new_tokens=budget, stop_token_ids=stop_ids,
-                              stop=tuple(req.stop), logprobs=req.logprobs) for j in range(req.n))
+                              stop=tuple(req.stop), logprobs=req.logprobs, min_p=req.min_p,
+                              min_tokens=min(req.min_tokens, budget)) for j in range(req.n))
         self.engine.check(ids, specs)
         return Prepared(tuple(ids), specs)
 

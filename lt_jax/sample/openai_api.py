@@ -26,8 +26,7 @@ _UNSUPPORTED = {
     "response_format": lambda v: isinstance(v, dict) and v.get("type") not in (None, "text"),
     # Sampling extensions the engine does not implement yet (vLLM names): refused rather than ignored.
     "frequency_penalty": lambda v: v not in (None, 0), "presence_penalty": lambda v: v not in (None, 0),
-    "repetition_penalty": lambda v: v not in (None, 1), "min_p": lambda v: v not in (None, 0),
-    "min_tokens": lambda v: v not in (None, 0),
+    "repetition_penalty": lambda v: v not in (None, 1),
 }
 _INT_MAX = 2**31 - 1  # device-side integers are int32
 
@@ -112,6 +111,8 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
         seed=_integer(body, "seed", -(2**63)),
         stop_token_ids=_token_ids(body, "stop_token_ids"),
         ignore_eos=_boolean(body, "ignore_eos"),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        min_tokens=_integer(body, "min_tokens", 0, _INT_MAX) or 0,
     )
 
 

@@ -84,6 +84,8 @@ class RowSpec:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     logprobs: Optional[int] = None  # engine only: per token, the chosen token's logprob and the top-N
+    min_tokens: int = 0  # engine only: stop token ids cannot be drawn before this many tokens
+    min_p: float = 0.0  # engine only: drop tokens below min_p x the top token's probability
 
 
 @dataclasses.dataclass
@@ -170,6 +172,19 @@ def sample_from_logits(
     else:
         raise ValueError(f"sample_from_logits: mode must be greedy, sample or filtered, got {mode!r}")
     return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
+
+
+def constrain_logits(logits, count, temperature, stop_ids, min_tokens, min_p):
+    """Logits [R, V] with the stop token ids masked while count < min_tokens, and (min-p) every
+    token whose probability after temperature is below min_p x the top token's masked. min_p 0
+    and min_tokens 0 change nothing."""
+    vocab = jnp.arange(logits.shape[-1])
+    is_stop = jnp.any(vocab[None, None, :] == stop_ids[:, :, None], axis=1)  # [R, V]
+    logits = jnp.where(is_stop & (count < min_tokens)[:, None], -jnp.inf, logits)
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    gap = (logits - jnp.max(logits, axis=-1, keepdims=True)) / t[:, None]  # log(p / p_max)
+    low = (min_p > 0)[:, None] & (gap < jnp.log(jnp.maximum(min_p, 1e-30))[:, None])
+    return jnp.where(low, -jnp.inf, logits)
 
 
 def token_logprobs(logits, temperature, chosen, top_n: int):
@@ -400,6 +415,9 @@ class Sampler:
                 raise ValueError(f"sampler: row {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
             if r.stop and decode is None:
                 raise ValueError("sampler: stop strings need a decode function (a tokenizer)")
+            if r.min_tokens or r.min_p or r.logprobs is not None:
+                raise ValueError(f"sampler: row {i}: min_tokens, min_p and logprobs need the engine "
+                                 "(lt_jax.sample.engine), not the lockstep sampler")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"sampler: prompt {i} is empty")

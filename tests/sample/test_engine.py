@@ -146,3 +146,16 @@ def test_logprobs_come_from_the_distribution_each_token_was_drawn_from(prompts, 
         np.testing.assert_allclose(lp, want[k, tok], atol=2e-4)
         assert [t for t, _ in top] == list(np.argsort(-want[k])[:4])
         np.testing.assert_allclose([x for _, x in top], np.sort(want[k])[::-1][:4], atol=2e-4)
+
+
+def test_min_tokens_and_min_p_constrain_the_draw(prompts, qwen):
+    greedy = eng.Engine(qwen, SMALL).run([prompts[1]], [[smp.RowSpec(0, temperature=0.0, max_new_tokens=8)]])
+    eos = greedy[0][0].tokens[0]  # make the greedy first token the EOS
+    specs = [smp.RowSpec(0, temperature=0.0, max_new_tokens=8, stop_token_ids=(eos,)),
+             smp.RowSpec(0, temperature=0.0, max_new_tokens=8, stop_token_ids=(eos,), min_tokens=5),
+             # min_p 1: only the most likely token survives, so sampling at temperature 1 is greedy
+             smp.RowSpec(0, seed=9, temperature=1.0, max_new_tokens=8, min_p=1.0)]
+    free, held, top = eng.Engine(qwen, SMALL).run([prompts[1]], [specs])[0]
+    assert (free.tokens, free.finish_reason) == ([eos], "stop")
+    assert eos not in held.tokens[:5] and len(held.tokens) >= 5
+    assert top.tokens == greedy[0][0].tokens

@@ -45,7 +45,8 @@ BAD = {  # each gets a 400 naming its problem while its neighbours are served
     "top_k_overflow": (dict(top_k=1099511627776), "top_k"),
     "frequency_penalty": (dict(frequency_penalty=0.5), "frequency_penalty"),
     "presence_penalty": (dict(presence_penalty=0.5), "presence_penalty"),
-    "min_tokens": (dict(min_tokens=3), "min_tokens"),
+    "min_p_out_of_range": (dict(min_p=2), "min_p"),
+    "repetition_penalty": (dict(repetition_penalty=1.2), "repetition_penalty"),
     "stop_token_id_out_of_vocab": (dict(stop_token_ids=[10**6]), "vocabulary"),
 }
 
@@ -153,6 +154,9 @@ def test_stop_token_ids_and_ignore_eos_are_honoured(served):
     r = client.chat.completions.create(**kw, extra_body=dict(ignore_eos=True, stop_token_ids=[stop]))
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == cut + 1
     assert r.choices[0].message.content == tok.decode(ids[:cut], skip_special_tokens=True)
+    r = client.chat.completions.create(**kw, extra_body=dict(ignore_eos=True, stop_token_ids=[stop],
+                                                             min_tokens=cut + 2))
+    assert r.usage.completion_tokens >= cut + 2  # the stop token could not end it earlier
 
 
 def test_logprobs_equal_the_engines(served):
