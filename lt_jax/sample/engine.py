@@ -335,13 +335,14 @@ class Engine:
         params = smp._row_params(specs, rows)
         counts = np.zeros(rows, np.int32)
         counts[:k] = [len(seq.result.tokens) for seq, _ in placed]
-        drawn = _draw(logits, params, counts, _limits(specs, rows), mode=smp.sampling_mode(specs),
+        drawn = _draw(logits, params, counts, smp.row_limits(specs, rows), mode=smp.sampling_mode(specs),
                       top_n=self._top_n(specs))
         first, lp, top_ids, top_lp = (np.asarray(x)[:, None] for x in drawn)
         updates = []
         for i, (seq, _) in enumerate(placed):
             asked = seq.spec.logprobs is not None
-            updates += self._advance(seq, [int(first[i, 0])], _logprob_rows(lp[i], top_ids[i], top_lp[i], 1) if asked else [])
+            lps = _logprob_rows(lp[i], top_ids[i], top_lp[i], 1) if asked else []
+            updates += self._advance(seq, [int(first[i, 0])], lps)
         return updates
 
     def _top_n(self, specs) -> int:
@@ -444,7 +445,7 @@ class Engine:
         for i, s in enumerate(self.slots):
             if s is not None:
                 token[i], position[i], count[i], done[i] = s.result.tokens[-1], s.length, len(s.result.tokens), False
-        params, limits = _slot_params(specs, n), _limits(specs, n)
+        params, limits = _slot_params(specs, n), smp.row_limits(specs, n)
         specs = [s.spec for s in running]
         self.cache, out = _decode(self.graphdef, self.params, self.cache, token, position, count, done, table,
                                   params, limits, steps=steps, mode=smp.sampling_mode(specs), attn_impl=cfg.attn_impl,
@@ -509,22 +510,7 @@ def _slot_params(specs: Sequence[Optional[smp.RowSpec]], n: int) -> smp.RowParam
 # Device functions
 
 
-class Limits(NamedTuple):
-    """Per-row constraints on the draw: min_tokens [R] i32, min_p [R] f32."""
-
-    min_tokens: jax.Array
-    min_p: jax.Array
-
-
-def _limits(specs: Sequence[Optional[smp.RowSpec]], n: int) -> Limits:
-    min_tokens, min_p = np.zeros(n, np.int32), np.zeros(n, np.float32)
-    for i, s in enumerate(specs):
-        if s is not None:
-            min_tokens[i], min_p[i] = s.min_tokens, s.min_p
-    return Limits(min_tokens, min_p)
-
-
-def _sample(logits, rows: smp.RowParams, count, limits: Limits, mode: str, top_n: int):
+def _sample(logits, rows: smp.RowParams, count, limits: smp.Limits, mode: str, top_n: int):
     """(tokens, logprobs...): the draw under min_tokens / min_p; logprobs of the unconstrained
     distribution after temperature."""
     allowed = smp.constrain_logits(logits, count, rows.temperature, rows.stop_ids, limits.min_tokens, limits.min_p)
@@ -534,7 +520,7 @@ def _sample(logits, rows: smp.RowParams, count, limits: Limits, mode: str, top_n
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "top_n"))
-def _draw(logits, rows: smp.RowParams, counts, limits: Limits, *, mode: str, top_n: int):
+def _draw(logits, rows: smp.RowParams, counts, limits: smp.Limits, *, mode: str, top_n: int):
     return _sample(logits, rows, counts, limits, mode, top_n)
 
 
@@ -549,8 +535,8 @@ def _prefill(graphdef, params, cache, tokens, positions, valid, table, last, *, 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "attn_impl", "top_n"),
                    donate_argnames=("cache",))
-def _decode(graphdef, params, cache, token, position, count, done, table, rows: smp.RowParams, limits: Limits, *,
-            steps: int, mode: str, attn_impl: str, top_n: int = 0):
+def _decode(graphdef, params, cache, token, position, count, done, table, rows: smp.RowParams,
+            limits: smp.Limits, *, steps: int, mode: str, attn_impl: str, top_n: int = 0):
     """Up to `steps` decode steps of every slot -> (pages, (tokens [slots, steps]; -1 once a slot is
     done, their logprobs [slots, steps], top-N ids and logprobs [slots, steps, top_n]))."""
     n = token.shape[0]
@@ -588,7 +574,8 @@ def abstract_calls(model_config, config: EngineConfig, graphdef, params, array) 
     makes an abstract argument. The shapes come from the same config the engine resolves."""
     cfg = config.resolve(model_config)
     width = paged.pages_for(cfg.max_len, cfg.page_size)
-    cache = jax.eval_shape(lambda: paged.init_pages(model_config, cfg.num_pages, cfg.page_size, _dtype(cfg.cache_dtype)))
+    dtype = _dtype(cfg.cache_dtype)
+    cache = jax.eval_shape(lambda: paged.init_pages(model_config, cfg.num_pages, cfg.page_size, dtype))
     cache = jax.tree.map(lambda a: array(a.shape, a.dtype), cache)
     c, n = cfg.prefill_chunk, cfg.num_slots
     i32 = jnp.int32
@@ -596,7 +583,7 @@ def abstract_calls(model_config, config: EngineConfig, graphdef, params, array) 
                     array((1, width), i32), array((1,), i32))
     specs = [smp.RowSpec(0, temperature=0.6, top_p=0.95)] * n
     rows = jax.tree.map(lambda a: array(a.shape, a.dtype), _slot_params(specs, n))
-    limits = jax.tree.map(lambda a: array(a.shape, a.dtype), _limits(specs, n))
+    limits = jax.tree.map(lambda a: array(a.shape, a.dtype), smp.row_limits(specs, n))
     decode_args = (graphdef, params, cache, array((n,), i32), array((n,), i32), array((n,), i32),
                    array((n,), jnp.bool_), array((n, width), i32), rows, limits)
     return {

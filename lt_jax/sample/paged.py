@@ -47,7 +47,8 @@ def init_pages(config, num_pages: int, page_size: int, dtype=None) -> PagedKV:
 def page_bytes(config, page_size: int, dtype=None) -> int:
     """Bytes one page holds across all layers, keys and values."""
     dtype = tfm._dtype(config.compute_dtype) if dtype is None else dtype
-    return 2 * config.num_layers * config.num_kv_heads * page_size * config.resolved_head_dim * jnp.dtype(dtype).itemsize
+    per_token = config.num_kv_heads * config.resolved_head_dim * jnp.dtype(dtype).itemsize
+    return 2 * config.num_layers * page_size * per_token
 
 
 def pages_for(tokens: int, page_size: int) -> int:
@@ -166,7 +167,8 @@ def pallas_decode(q, k_pages, v_pages, page_table, lengths, *, interpret: bool =
 # The model over pages
 
 
-def write_kv(pages: jax.Array, layer: jax.Array, new: jax.Array, slot_page: jax.Array, slot_off: jax.Array) -> jax.Array:
+def write_kv(pages: jax.Array, layer: jax.Array, new: jax.Array, slot_page: jax.Array,
+             slot_off: jax.Array) -> jax.Array:
     """pages [L, Nkv, N, P, D] with new [B, S, Nkv, D] written at (slot_page, slot_off) [B, S] of `layer`."""
     return pages.at[layer, :, slot_page, slot_off].set(new.astype(pages.dtype))
 

@@ -230,6 +230,22 @@ class RowParams(NamedTuple):
     stop_ids: jax.Array  # [R, S] i32, -1 padded
 
 
+class Limits(NamedTuple):
+    """Per-row constraints on the draw: min_tokens [R] i32, min_p [R] f32."""
+
+    min_tokens: jax.Array
+    min_p: jax.Array
+
+
+def row_limits(specs: Sequence[Optional["RowSpec"]], n: int) -> Limits:
+    """Per-row min_tokens / min_p of `specs` (None: an empty row) as arrays of n rows."""
+    min_tokens, min_p = np.zeros(n, np.int32), np.zeros(n, np.float32)
+    for i, s in enumerate(specs):
+        if s is not None:
+            min_tokens[i], min_p[i] = s.min_tokens, s.min_p
+    return Limits(min_tokens, min_p)
+
+
 class DecodeState(NamedTuple):
     cache: tfm.KVCache
     token: jax.Array  # [R] the last sampled token, fed at the next step

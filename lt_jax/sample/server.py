@@ -486,7 +486,8 @@ def make_app(backend: Backend, cfg: ServerConfig) -> web.Application:
     """The aiohttp application; the batcher starts and stops with it."""
     app = web.Application(middlewares=[_error_middleware(cfg)], client_max_size=cfg.max_body_bytes)
     # A backend that can take requests one by one runs continuously; others get batches.
-    batcher = EngineRunner(backend, cfg) if hasattr(backend, "prepare") and hasattr(backend, "step") else Batcher(backend, cfg)
+    incremental = hasattr(backend, "prepare") and hasattr(backend, "step")
+    batcher = EngineRunner(backend, cfg) if incremental else Batcher(backend, cfg)
     h = _Handlers(backend, cfg, batcher)
     app.router.add_get("/v1/models", h.models)
     app.router.add_get("/v1/models/{model}", h.model)
