@@ -336,12 +336,12 @@ class Engine:
         counts = np.zeros(rows, np.int32)
         counts[:k] = [len(seq.result.tokens) for seq, _ in placed]
         drawn = _draw(logits, params, counts, smp.row_limits(specs, rows), mode=smp.sampling_mode(specs),
-                      top_n=self._top_n(specs))
+                      top_n=self._top_n(specs), constrained=_constrained(specs))
         first, lp, top_ids, top_lp = (np.asarray(x)[:, None] for x in drawn)
         updates = []
         for i, (seq, _) in enumerate(placed):
             asked = seq.spec.logprobs is not None
-            lps = _logprob_rows(lp[i], top_ids[i], top_lp[i], 1) if asked else []
+            lps = smp.logprob_rows(lp[i], top_ids[i], top_lp[i], 1) if asked else []
             updates += self._advance(seq, [int(first[i, 0])], lps)
         return updates
 
@@ -449,7 +449,7 @@ class Engine:
         specs = [s.spec for s in running]
         self.cache, out = _decode(self.graphdef, self.params, self.cache, token, position, count, done, table,
                                   params, limits, steps=steps, mode=smp.sampling_mode(specs), attn_impl=cfg.attn_impl,
-                                  top_n=self._top_n(specs))
+                                  top_n=self._top_n(specs), constrained=_constrained(specs))
         out, lp, top_ids, top_lp = (smp._to_host(x) for x in out)
         self.stats["decode_calls"] += 1
         updates = []
@@ -459,7 +459,8 @@ class Engine:
             new = [int(t) for t in out[i] if t != smp._NO_TOKEN]
             s.length += len(new)
             asked = s.spec.logprobs is not None
-            updates += self._advance(s, new, _logprob_rows(lp[i], top_ids[i], top_lp[i], len(new)) if asked else [])
+            lps = smp.logprob_rows(lp[i], top_ids[i], top_lp[i], len(new)) if asked else []
+            updates += self._advance(s, new, lps)
         self.stats["decode_s"] += time.perf_counter() - t0
         self.stats["tokens"] += sum(len(u.tokens) for u in updates)
         self.stats["pages_peak"] = max(self.stats["pages_peak"], self.allocator.in_use)
@@ -485,9 +486,9 @@ class Engine:
         seq.pages = []
 
 
-def _logprob_rows(lp, top_ids, top_lp, n: int) -> list:
-    """Host copies of one slot's first n tokens' (logprob, ((id, logprob), ...))."""
-    return [(float(lp[k]), tuple(zip(map(int, top_ids[k]), map(float, top_lp[k])))) for k in range(n)]
+def _constrained(specs) -> bool:
+    """Whether any row sets min_tokens or min_p (the draw then masks logits; one compile each way)."""
+    return any(s.min_tokens or s.min_p for s in specs)
 
 
 def _slot_params(specs: Sequence[Optional[smp.RowSpec]], n: int) -> smp.RowParams:
@@ -510,18 +511,21 @@ def _slot_params(specs: Sequence[Optional[smp.RowSpec]], n: int) -> smp.RowParam
 # Device functions
 
 
-def _sample(logits, rows: smp.RowParams, count, limits: smp.Limits, mode: str, top_n: int):
-    """(tokens, logprobs...): the draw under min_tokens / min_p; logprobs of the unconstrained
-    distribution after temperature."""
-    allowed = smp.constrain_logits(logits, count, rows.temperature, rows.stop_ids, limits.min_tokens, limits.min_p)
+def _sample(logits, rows: smp.RowParams, count, limits: smp.Limits, mode: str, top_n: int, constrained: bool):
+    """(tokens, logprobs...): the draw under min_tokens / min_p (only traced when some row sets
+    them: `constrained`); logprobs of the unconstrained distribution after temperature."""
+    allowed = logits
+    if constrained:
+        allowed = smp.constrain_logits(logits, count, rows.temperature, rows.stop_ids, limits.min_tokens,
+                                       limits.min_p)
     tok = smp.sample_from_logits(allowed, smp.step_keys(rows.seed, count), rows.temperature, rows.top_p, rows.top_k,
                                  mode=mode)
     return (tok,) + smp.token_logprobs(logits, rows.temperature, tok, top_n)
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "top_n"))
-def _draw(logits, rows: smp.RowParams, counts, limits: smp.Limits, *, mode: str, top_n: int):
-    return _sample(logits, rows, counts, limits, mode, top_n)
+@functools.partial(jax.jit, static_argnames=("mode", "top_n", "constrained"))
+def _draw(logits, rows: smp.RowParams, counts, limits: smp.Limits, *, mode: str, top_n: int, constrained: bool):
+    return _sample(logits, rows, counts, limits, mode, top_n, constrained)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"), donate_argnames=("cache",))
@@ -533,10 +537,11 @@ def _prefill(graphdef, params, cache, tokens, positions, valid, table, last, *, 
     return cache, logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "attn_impl", "top_n"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "attn_impl", "top_n", "constrained"),
                    donate_argnames=("cache",))
 def _decode(graphdef, params, cache, token, position, count, done, table, rows: smp.RowParams,
-            limits: smp.Limits, *, steps: int, mode: str, attn_impl: str, top_n: int = 0):
+            limits: smp.Limits, *, steps: int, mode: str, attn_impl: str, top_n: int = 0,
+            constrained: bool = False):
     """Up to `steps` decode steps of every slot -> (pages, (tokens [slots, steps]; -1 once a slot is
     done, their logprobs [slots, steps], top-N ids and logprobs [slots, steps, top_n]))."""
     n = token.shape[0]
@@ -553,7 +558,7 @@ def _decode(graphdef, params, cache, token, position, count, done, table, rows: 
         model = nnx.merge(graphdef, params)
         logits, cache = paged.forward(model, token[:, None], position[:, None], ~done[:, None], table, cache, last,
                                       attn_impl=attn_impl)
-        nxt, *lps = _sample(logits, rows, count, limits, mode, top_n)
+        nxt, *lps = _sample(logits, rows, count, limits, mode, top_n, constrained)
         nxt = jnp.where(done, smp._NO_TOKEN, nxt)
         new = (nxt, *lps)
         out = tuple(jax.lax.dynamic_update_slice_in_dim(o, x[:, None], i, axis=1) for o, x in zip(out, new))

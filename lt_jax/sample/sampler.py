@@ -201,6 +201,11 @@ def token_logprobs(logits, temperature, chosen, top_n: int):
     return chosen_lp, top_ids.astype(jnp.int32), top_lp
 
 
+def logprob_rows(lp, top_ids, top_lp, n: int) -> list:
+    """Host copies of one slot's first n tokens' (logprob, ((id, logprob), ...))."""
+    return [(float(lp[k]), tuple(zip(map(int, top_ids[k]), map(float, top_lp[k])))) for k in range(n)]
+
+
 def sampling_mode(rows: Sequence["RowSpec"]) -> str:
     """The cheapest `sample_from_logits` mode that serves every row."""
     if all(r.temperature == 0 for r in rows):
