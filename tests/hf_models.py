@@ -29,3 +29,25 @@ def redrawn_model(config_class: str, extra: dict, seed: int = 0):
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.1)
     return model
+
+
+def saved_models(tmp_path_factory, families: dict) -> dict:
+    """{family: (transformers model, saved folder)} for {family: (config class, extra fields)}."""
+    out = {}
+    for family, (cls, extra) in families.items():
+        model = redrawn_model(cls, extra)
+        folder = str(tmp_path_factory.mktemp(family))
+        model.save_pretrained(folder)
+        out[family] = (model, folder)
+    return out
+
+
+def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
+    """transformers' greedy generate of exactly `new` tokens (no EOS)."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                             min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()

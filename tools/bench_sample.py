@@ -19,6 +19,15 @@ init, saved, loaded into lt_jax with lt_jax.model.hf), and `model.generate` runs
 prompts in the same process: prefill = one forward over the prompts, decode = generate - prefill.
 Times are medians of --repeats runs after a warm-up (compiles excluded).
 
+--workload heavy-tail: the long-thought eval shape. --requests prompts (16-64 tokens) whose output
+lengths are log-normal with a mean near a third of --cap (each request stops at its drawn length, as
+it would at an EOS). The same requests run through the lockstep sampler in fixed batches of --slots
+rows (a batch lasts as long as its longest row, as `lt-jax eval` ran before the engine) and through
+the engine with --slots slots, side by side: generated tokens/s, and KV memory held (the dense cache
+of a lockstep batch vs the engine's peak pages in use, and the engine's page pool).
+
+    python tools/bench_sample.py --workload heavy-tail --requests 256 --cap 512 --slots 32
+
 Decode roofline (memory-bound regime). One decode step must read every weight once and every
 cached key/value it attends to:
   bytes/step = P_bytes + KV_bytes
@@ -72,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-gbps", type=float, help="peak HBM bandwidth for the roofline (default: by device kind)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median reported)")
     p.add_argument("--json-out", help="append one JSON line per batch size here")
+    p.add_argument("--workload", choices=["fixed", "heavy-tail"], default="fixed")
+    p.add_argument("--requests", type=int, default=256, help="heavy-tail: number of requests")
+    p.add_argument("--cap", type=int, default=512, help="heavy-tail: max new tokens per request")
+    p.add_argument("--slots", type=int, default=32, help="heavy-tail: engine slots = lockstep batch rows")
+    p.add_argument("--page-size", type=int, default=16, help="heavy-tail: engine page size")
     return p.parse_args(argv)
 
 
@@ -177,6 +191,64 @@ def roofline(cfg, batch: int, cache_len: int, args, step_s: float, peak):
     return full, filled, fracs
 
 
+def heavy_tail(model, mesh, args) -> dict:
+    """Engine vs lockstep on the same heavy-tailed requests (see the module doc)."""
+    import numpy as np
+
+    from lt_jax.sample import engine as eng
+    from lt_jax.sample import paged
+    from lt_jax.sample import sampler as smp
+
+    cfg = model.config
+    rng = np.random.RandomState(0)
+    sigma = 1.0  # log-normal: mean = exp(mu + sigma^2 / 2) = cap / 3
+    lengths = np.clip(rng.lognormal(np.log(args.cap / 3) - sigma ** 2 / 2, sigma, args.requests), 1, args.cap)
+    lengths = [int(n) for n in lengths]
+    prompts = [[int(t) for t in rng.randint(1, cfg.vocab_size, size=rng.randint(16, 65))] for _ in lengths]
+    spec = lambda i, n: smp.RowSpec(i, smp.row_seed(0, i), temperature=args.temperature, max_new_tokens=n)  # noqa: E731
+    sampler = smp.Sampler(model, mesh, smp.SamplerConfig(chunk_size=args.chunk_size))
+    config = eng.EngineConfig(num_slots=args.slots, page_size=args.page_size, decode_steps=args.chunk_size,
+                              max_len=64 + args.cap)
+    engine = eng.Engine(model, config, mesh)
+    per_token = paged.page_bytes(cfg, 1, None)
+
+    def lockstep():
+        dense = 0
+        for start in range(0, len(prompts), args.slots):
+            group = range(start, min(start + args.slots, len(prompts)))
+            rows = [spec(k, lengths[i]) for k, i in enumerate(group)]
+            sampler.run([prompts[i] for i in group], rows)
+            shapes = sampler.last_shapes
+            dense = max(dense, shapes["rows"] * shapes["cache_len"] * per_token)
+        return dense
+
+    def engine_run():
+        engine.run(prompts, [[spec(0, n)] for n in lengths])
+
+    lockstep(), engine_run()  # compile every shape both sides use
+    engine.stats.clear()
+    t0 = time.perf_counter()
+    dense = lockstep()
+    t_lock = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine_run()
+    t_eng = time.perf_counter() - t0
+    tokens = sum(lengths)
+    rec = dict(workload="heavy-tail", requests=args.requests, cap=args.cap, slots=args.slots, tokens=tokens,
+               mean_len=tokens / len(lengths), lockstep_tok_s=tokens / t_lock, engine_tok_s=tokens / t_eng,
+               speedup=t_lock / t_eng, lockstep_kv_bytes=dense,
+               engine_kv_peak_bytes=engine.stats["pages_peak"] * args.page_size * per_token,
+               engine_kv_pool_bytes=(engine.config.num_pages - 1) * args.page_size * per_token,
+               preempted=engine.stats["preempted"])
+    print(f"heavy-tail: {args.requests} requests, cap {args.cap}, mean {rec['mean_len']:.0f} new tokens, "
+          f"{args.slots} slots/rows")
+    print(f"  lockstep {rec['lockstep_tok_s']:.0f} tok/s, engine {rec['engine_tok_s']:.0f} tok/s "
+          f"({rec['speedup']:.2f}x)")
+    print(f"  KV held: lockstep dense cache {dense / 2**20:.1f} MiB per batch; engine peak pages "
+          f"{rec['engine_kv_peak_bytes'] / 2**20:.1f} MiB (pool {rec['engine_kv_pool_bytes'] / 2**20:.1f} MiB)")
+    return rec
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:  # before jax/torch start their thread pools
@@ -207,6 +279,12 @@ def main(argv=None) -> int:
     cfg = model.config
     kind = jax.devices()[0].device_kind
     peak = peak_gbps(args, kind)
+    if args.workload == "heavy-tail":
+        rec = heavy_tail(model, mesh, args)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(json.dumps(dict(rec, device=kind, dtype=args.dtype, preset=args.preset)) + "\n")
+        return 0
     print(f"device {kind} x{len(jax.devices())}, {cfg.num_params() / 1e6:.1f}M params, {args.dtype}, "
           f"prompt {args.prompt_len}, new {args.new_tokens}, chunk {args.chunk_size}")
     header = f"{'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'e2e tok/s':>10} {'ms/step':>8}"

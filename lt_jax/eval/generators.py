@@ -13,7 +13,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 Message = dict[str, str]
 T = TypeVar("T")
@@ -180,10 +180,12 @@ class OpenAIGenerator:
 
 
 class SamplerGenerator:
-    """This project's KV-cache sampler (`lt_jax.sample.generate.generate`) on a loaded model.
+    """This project's generation engine (`lt_jax.sample.engine`) on a loaded model.
 
-    One call samples every prompt of the batch in one sampler run (`batch_size` prompts x n
-    rows: size it so their KV cache fits), and prompt i's samples are seeded by seeds[i] alone.
+    `generate_stream` submits every prompt x n samples as one stream of requests to a continuous-
+    batching engine and yields each prompt's completions as its last sample finishes (the harness
+    writes that problem's record then). Prompt i's samples are seeded by seeds[i] alone, so the
+    batching never changes them. A prompt that does not fit the context gets "error" completions.
     The tokenizer's chat template renders the prompts; EOS ids come from `eos_ids` (tokenizer +
     model config + generation_config.json when loaded by `load_from_args`).
     """
@@ -192,14 +194,46 @@ class SamplerGenerator:
                  mesh: Any = None, sampler_config: Any = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.eos_ids, self.mesh, self.sampler_config = eos_ids, mesh, sampler_config
+        self._engine = None
+
+    def engine(self):
+        """The engine, built once (its compiled steps are reused across benchmarks)."""
+        if self._engine is None:
+            from lt_jax.sample import generate as gen
+            from lt_jax.sample.engine import Engine
+
+            self._engine = Engine(self.model, gen.engine_config(self.sampler_config), self.mesh,
+                                  gen.make_decoder(self.tokenizer, True))
+        return self._engine
 
     def generate(
         self, prompts: list[list[Message]], n: int, params: SamplingConfig, seeds: Sequence[int] | None = None
     ) -> list[list[Completion]]:
+        out: list = [None] * len(prompts)
+        for i, comps in self.generate_stream(prompts, n, params, seeds):
+            out[i] = comps
+        return out
+
+    def generate_stream(self, prompts: list[list[Message]], n: int, params: SamplingConfig,
+                        seeds: Sequence[int] | None = None) -> Iterator[tuple[int, list[Completion]]]:
+        """(prompt index, its n completions) as each prompt's last sample finishes."""
         from lt_jax.sample import generate as gen
 
         sp = gen.SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                 max_new_tokens=params.max_new_tokens, seed=params.seed, stop=tuple(params.stop))
-        results = gen.generate(self.model, self.tokenizer, prompts, sp, seeds=seeds, eos_ids=self.eos_ids,
-                               mesh=self.mesh, config=self.sampler_config)
-        return [[Completion(s.text, s.num_tokens, s.finish_reason) for s in r.samples] for r in results]
+        engine = self.engine()
+        eos = tuple(self.eos_ids) if self.eos_ids is not None else gen.eos_token_ids(self.model, self.tokenizer)
+        waiting: dict[int, int] = {}
+        for i, prompt in enumerate(prompts):
+            _, ids = gen.encode_prompt(self.tokenizer, prompt)
+            base = seeds[i] if seeds is not None else gen.prompt_seed(params.seed, i)
+            try:
+                waiting[engine.submit(ids, gen.row_specs(sp, base, eos))] = i
+            except ValueError as e:  # this problem alone cannot run (too long): an error, not a crash
+                yield i, [Completion("", 0, "error", error=str(e))] * n
+        while waiting:
+            for u in engine.step():
+                if u.finish_reason is None or u.request not in waiting or not engine.finished(u.request):
+                    continue
+                samples = [gen.to_sample(engine.decode, r) for r in engine.pop(u.request)]
+                yield waiting.pop(u.request), [Completion(s.text, s.num_tokens, s.finish_reason) for s in samples]

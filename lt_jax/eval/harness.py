@@ -63,7 +63,7 @@ class EvalConfig:
     sampling: SamplingConfig = SamplingConfig()
     prompt: PromptConfig = PromptConfig()
     judge: JudgeConfig = JudgeConfig()
-    batch_size: int = 8  # problems per generator call
+    batch_size: int = 8  # problems per generator call (endpoints; the engine takes all problems as one stream)
     limit: int | None = None  # first N items of each benchmark (smoke runs)
     sycophancy_seed: int = 0
     choice_seed: int = 0  # multiple choice: the options' order per item
@@ -213,11 +213,6 @@ def read_done(path: str, bench: Benchmark) -> dict[str, dict]:
     return done
 
 
-def _batches(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
-    for i in range(0, len(items), size):
-        yield list(items[i : i + size])
-
-
 def _record(bench: Benchmark, item: Item, messages: list[Message], comps: list[Completion], scores: list[dict]) -> dict:
     samples = []
     for j, (c, s) in enumerate(zip(comps, scores)):
@@ -269,11 +264,7 @@ def run_benchmark(
         with jsonl.JsonlWriter(path, resume=True, sync_every_s=cfg.sync_every_s) as writer, tqdm(
             total=len(bench), initial=len(done), desc=desc, unit="problem", disable=not progress
         ) as bar:
-            for batch in _batches(todo, cfg.batch_size):
-                prompts = [build_messages(it, bench.kind, cfg.prompt) for it in batch]
-                seeds = [seed_for(cfg.sampling.seed, it.id) for it in batch]
-                comps = generator.generate(prompts, n, cfg.sampling, seeds=seeds)
-                _check_shape(comps, len(batch), n, generator.name)
+            for batch, prompts, comps in _generated(generator, todo, bench.kind, n, cfg):
                 scores = scorer.score(batch, comps)
                 for item, messages, cs, sc in zip(batch, prompts, comps, scores):
                     rec = _record(bench, item, messages, list(cs), sc)
@@ -286,6 +277,26 @@ def run_benchmark(
     jsonl.write_jsonl(storage.join(run_dir, "items.jsonl"), report.item_rows(records, bench.kind))
     jsonl.write_json(storage.join(run_dir, "summary.json"), summary)
     return summary, records
+
+
+def _generated(generator: Generator, todo: Sequence[Item], kind: str, n: int, cfg: EvalConfig
+               ) -> Iterator[tuple[list[Item], list[list[Message]], Sequence[Sequence[Completion]]]]:
+    """(items, their prompts, their completions) as they are generated. A generator with
+    `generate_stream` (the engine) gets every problem x n samples as one stream of requests and
+    hands back each problem as its last sample finishes; others get `batch_size` problems a call."""
+    prompts = [build_messages(it, kind, cfg.prompt) for it in todo]
+    seeds = [seed_for(cfg.sampling.seed, it.id) for it in todo]
+    stream = getattr(generator, "generate_stream", None)
+    if stream is not None:
+        for i, comps in stream(prompts, n, cfg.sampling, seeds=seeds):
+            _check_shape([comps], 1, n, generator.name)
+            yield [todo[i]], [prompts[i]], [comps]
+        return
+    for start in range(0, len(todo), cfg.batch_size):
+        end = start + cfg.batch_size
+        comps = generator.generate(prompts[start:end], n, cfg.sampling, seeds=seeds[start:end])
+        _check_shape(comps, len(todo[start:end]), n, generator.name)
+        yield list(todo[start:end]), prompts[start:end], comps
 
 
 def _check_shape(comps: Any, num_prompts: int, n: int, name: str) -> None:

@@ -7,7 +7,7 @@ scaling, tied embeddings), so one decoder reads them rather than one class per f
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from lt_jax.model import families
 
@@ -48,7 +48,7 @@ class ModelConfig:
     qk_norm: Optional[bool] = None  # RMSNorm on q and k per head; None: the family's (True for Qwen3 only)
     max_position_embeddings: int = 32768
     bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
+    eos_token_id: Union[int, tuple[int, ...], None] = None  # several ids (Llama 3.1 lists three): a tuple
     param_dtype: DType = "float32"
     compute_dtype: DType = "float32"
     remat: RematPolicy = "none"
@@ -61,6 +61,9 @@ class ModelConfig:
     max_segments: int = 64
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, (list, tuple)):  # one id stays an int, several a tuple
+            ids = tuple(dict.fromkeys(int(i) for i in self.eos_token_id))
+            object.__setattr__(self, "eos_token_id", ids[0] if len(ids) == 1 else (ids or None))
         # Family defaults, resolved once so the rest of the code sees plain booleans.
         spec = families.get(self.family)
         if self.attention_bias is None:
@@ -82,6 +85,13 @@ class ModelConfig:
             raise ValueError(f"max_segments must be >= 2 (a document and padding), got {self.max_segments}")
         if self.resolved_head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every EOS id (none, one or several)."""
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
     @property
     def resolved_head_dim(self) -> int:

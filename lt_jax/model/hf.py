@@ -202,10 +202,13 @@ def _rope(hf: dict[str, Any], spec: families.FamilySpec, path: str) -> tuple[flo
     return theta, RopeScaling(**{n: params[n] for n in names})
 
 
-def _token_id(hf: dict[str, Any], key: str, path: str) -> Optional[int]:
+def _token_id(hf: dict[str, Any], key: str, path: str):
     value = hf.get(key)
+    if isinstance(value, list) and key == "eos_token_id":  # Llama 3.1 instruct lists three: keep all
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise HFFormatError(f"{path}: {key} must be an integer or a list of integers, got {value!r}")
+        return tuple(value) or None
     if isinstance(value, list):
-        # ModelConfig holds one eos id (Llama 3 instruct lists three): keep the first, say so.
         log.warning("%s: %s is a list %s; keeping the first id", path, key, value)
         value = value[0] if value else None
     if value is not None and not isinstance(value, int):
@@ -233,7 +236,7 @@ def model_config_to_hf(config: ModelConfig, dtype: Optional[str] = None) -> dict
         "rope_scaling": None,
         "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
+        "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
         "torch_dtype": dtype or config.param_dtype,
         "use_cache": True,
     }
@@ -249,10 +252,20 @@ def generation_config(config: ModelConfig, tokenizer_dir: Optional[str] = None) 
     A base model's eos is often <|endoftext|> while its chat template ends turns with another
     token (<|im_end|>); after SFT on that template, generation must stop at both.
     """
-    candidates = (config.eos_token_id, tokenizer_eos_id(tokenizer_dir) if tokenizer_dir else None)
+    candidates = config.eos_token_ids + (tokenizer_eos_id(tokenizer_dir) if tokenizer_dir else None,)
     eos = list(dict.fromkeys(i for i in candidates if i is not None))
     ids = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     return {k: v for k, v in ids.items() if v is not None}
+
+
+def generation_config_eos(folder: str) -> tuple[int, ...]:
+    """EOS ids listed in a Hugging Face folder's generation_config.json (none when absent)."""
+    path = storage.join(folder, "generation_config.json")
+    if not storage.exists(path):
+        return ()
+    eos = json.loads(storage.read_text(path)).get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return tuple(int(i) for i in eos)
 
 
 def tokenizer_eos_id(tokenizer_dir: str) -> Optional[int]:
@@ -392,6 +405,9 @@ def load_hf(
 
     param_dtype = dtype or "float32"
     config = read_config(path, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype, **overrides)
+    if "eos_token_id" not in overrides:  # generation_config.json's EOS list ends generation too
+        eos = tuple(dict.fromkeys(config.eos_token_ids + generation_config_eos(path)))
+        config = dataclasses.replace(config, eos_token_id=eos or None)
     folder = SafetensorsFolder(path)
     abstract = tfm.abstract_model(config, mesh)
     params = tfm.flat_abstract_state(abstract)

@@ -157,12 +157,9 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.impl, self.max_segments = cfg.attention, cfg.max_segments
 
-    def __call__(self, x, cos, sin, segment_ids, positions, cache=None):
-        """x [B, S, H] -> ([B, S, H], (k_cache, v_cache) or None).
-
-        With `cache` = (k_buf, v_buf, kv_segment_ids, kv_positions, index) for this layer, the new
-        k/v are written at `index` and attention runs over the whole buffer.
-        """
+    def project(self, x, cos, sin):
+        """x [B, S, H] -> q [B, S, Nq, D], k, v [B, S, Nkv, D], with norms and RoPE applied (the part
+        of attention the paged decode path in lt_jax.sample.paged shares)."""
         b, s, _ = x.shape
         tokens = _flat(x)
         q = self.q_proj(tokens).reshape(b, s, self.num_heads, self.head_dim)
@@ -174,6 +171,16 @@ class Attention(nnx.Module):
         q = shd.shard_activation(q, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
         k = shd.shard_activation(k, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
         v = shd.shard_activation(v, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+        return q, k, v
+
+    def __call__(self, x, cos, sin, segment_ids, positions, cache=None):
+        """x [B, S, H] -> ([B, S, H], (k_cache, v_cache) or None).
+
+        With `cache` = (k_buf, v_buf, kv_segment_ids, kv_positions, index) for this layer, the new
+        k/v are written at `index` and attention runs over the whole buffer.
+        """
+        b, s, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         kv_seg, kv_pos, new_cache = segment_ids, positions, None
         if cache is not None:
             k_buf, v_buf, kv_seg, kv_pos, index = cache

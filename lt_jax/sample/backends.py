@@ -46,6 +46,11 @@ class GenRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # token-level backends only (the model backend)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives per token (None: no logprobs)
+    min_p: float = 0.0
+    min_tokens: int = 0
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):
@@ -83,6 +88,8 @@ class StreamEvent:
     finish_reason: str | None = None
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    # last event, when asked: per token (text, logprob, ((text, logprob), ...) alternatives)
+    logprobs: tuple | None = None
 
 
 @runtime_checkable
@@ -191,6 +198,13 @@ class SyntheticBackend:
             seed = 0 if request.temperature == 0 else choice_seed(request.seed, i)
             out.append(apply_stop_and_limit(self.full_text(problem, seed), request.stop, request.max_tokens))
         return out
+
+    def validate(self, request: GenRequest) -> None:
+        """Token-level parameters mean nothing to a rule-based teacher: refused, not ignored."""
+        if (request.stop_token_ids or request.ignore_eos or request.logprobs is not None or request.min_p
+                or request.min_tokens):
+            raise ValueError("stop_token_ids, ignore_eos, logprobs, min_p and min_tokens are not supported by the "
+                             "synthetic teacher")
 
     def _prompt_tokens(self, request: GenRequest) -> int:
         text = request.prompt if request.prompt is not None else render_chat(request.messages)

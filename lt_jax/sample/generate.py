@@ -8,11 +8,13 @@
 
 Prompts are strings (tokenized as is, with the tokenizer's special tokens such as BOS) or chat
 conversations (rendered with the tokenizer's chat template and `add_generation_prompt=True`).
-All prompts of one call go through one prefill; the n samples of a prompt share it.
+All prompts of one call go to the generation engine together (continuous batching over a paged KV
+cache); the n samples of a prompt share its prefill.
 
     lt-jax sample --hf DIR | --checkpoint DIR [--step S] [--tokenizer DIR] --prompt TEXT [--prompt ...]
                   [--n 4 --temperature 0.6 --top-p 0.95 --top-k 0 --seed 0 --max-new-tokens 1024]
                   [--stop STR ...] [--raw] [--system TEXT] [--mesh data=1,fsdp=-1,tensor=1] [--out FILE]
+                  [--slots 16 --page-size 16 --num-pages N --max-len N --chunk-size 16]
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: Optional[int] = None  # per token: the chosen token's logprob and this many alternatives
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (after temperature)
+    min_tokens: int = 0  # EOS / stop token ids cannot end a sample before this many tokens
 
     def __post_init__(self):
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -62,6 +67,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"SamplingParams.logprobs must be >= 0 (alternatives per token), got {self.logprobs}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +77,9 @@ class Sample:
     token_ids: tuple[int, ...]  # generated tokens, including the EOS / stop token that ended it
     finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" (max_new_tokens)
     stop_reason: Any = None  # the stop token id or stop string, when finish_reason is "stop"
+    # With SamplingParams.logprobs: per generated token (logprob, ((token id, logprob), ...) top-N),
+    # from softmax(logits / temperature) before top-k / top-p truncation (temperature 0: 1).
+    logprobs: Optional[tuple] = None
 
     @property
     def num_tokens(self) -> int:
@@ -102,9 +112,10 @@ def encode_prompt(tokenizer, prompt: Prompt) -> tuple[str, list[int]]:
 
 
 def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS and the model config's EOS (a base model and its chat template often
-    disagree: <|endoftext|> vs <|im_end|>; generation must stop at both)."""
-    ids = [getattr(tokenizer, "eos_token_id", None), getattr(model.config, "eos_token_id", None)]
+    """The tokenizer's EOS and every EOS id of the model config (a base model and its chat template
+    often disagree: <|endoftext|> vs <|im_end|>; Llama 3.1 lists three; generation stops at all).
+    `load_hf` folds generation_config.json's list into the model config."""
+    ids = [getattr(tokenizer, "eos_token_id", None), *model.config.eos_token_ids]
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
@@ -117,6 +128,38 @@ def _normalise_prompts(prompts) -> list[Prompt]:
     return prompts
 
 
+def prompt_seed(seed: int, prompt: int) -> int:
+    """Seed of prompt number `prompt` of a call seeded `seed`: the seed itself for the first, a hash
+    for the others, so several prompts under one seed draw different streams (and a one-prompt call
+    equals a server request with the same seed)."""
+    from lt_jax.sample.sampler import row_seed
+
+    return seed if prompt == 0 else row_seed(seed, f"prompt{prompt}")
+
+
+def row_specs(params: SamplingParams, base_seed: int, stop_ids: Sequence[int]) -> list:
+    """The n samples of one prompt as sampler rows (sample j seeded row_seed(base_seed, j))."""
+    from lt_jax.sample import sampler as smp
+
+    return [smp.RowSpec(prompt=0, seed=smp.row_seed(base_seed, j), temperature=params.temperature,
+                        top_p=params.top_p, top_k=params.top_k, max_new_tokens=params.max_new_tokens,
+                        stop_token_ids=tuple(stop_ids), stop=params.stop, logprobs=params.logprobs,
+                        min_p=params.min_p, min_tokens=params.min_tokens)
+            for j in range(params.n)]
+
+
+def engine_config(config) -> Any:
+    """An EngineConfig from None, an EngineConfig, or a lockstep SamplerConfig (its chunk size)."""
+    from lt_jax.sample.engine import EngineConfig
+    from lt_jax.sample.sampler import SamplerConfig
+
+    if config is None:
+        return EngineConfig()
+    if isinstance(config, SamplerConfig):
+        return EngineConfig(decode_steps=config.chunk_size)
+    return config
+
+
 def generate(
     model,
     tokenizer,
@@ -127,17 +170,18 @@ def generate(
     eos_ids: Optional[Sequence[int]] = None,
     mesh=None,
     config=None,
-    max_batch_rows: int = 256,
+    engine=None,
 ) -> list[GenerationResult]:
-    """Samples `params.n` continuations of every prompt; results in prompt order.
+    """Samples `params.n` continuations of every prompt through the generation engine
+    (`lt_jax.sample.engine`: continuous batching over a paged KV cache); results in prompt order.
 
-    Prompts go to the sampler in batches of at most `max_batch_rows` sequences (prompts x n; a
-    prompt's n samples stay in one batch and share its prefill). seeds: one seed per prompt
-    (default: `params.seed` for all); sample j of a prompt seeded s is the same whatever else is in
-    the batch. eos_ids: override the EOS ids (default: `eos_token_ids(model, tokenizer)`).
-    mesh: default the mesh the parameters are sharded over.
+    seeds: one seed per prompt (default: `prompt_seed(params.seed, i)`, so each prompt draws its own
+    stream); sample j of a prompt seeded s is the same whatever else runs. eos_ids: override the EOS
+    ids (default: `eos_token_ids(model, tokenizer)`). A prompt whose length plus max_new_tokens
+    exceeds the context is refused (ValueError naming the prompt) before anything runs.
+    config: an EngineConfig (slots, pages); engine: reuse a built Engine (its config wins).
     """
-    from lt_jax.sample import sampler as smp
+    from lt_jax.sample.engine import Engine
 
     params = params or SamplingParams()
     prompts = _normalise_prompts(prompts)
@@ -148,25 +192,20 @@ def generate(
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     eos = () if params.ignore_eos else tuple(eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer))
     stop_ids = tuple(dict.fromkeys(eos + params.stop_token_ids))
-    entropy = _fresh_seed() if params.seed is None else None
+    base = _fresh_seed() if params.seed is None else params.seed
     decode = make_decoder(tokenizer, params.skip_special_tokens)
-    sampler = smp.Sampler(model, mesh, config or smp.SamplerConfig())
-    per_batch = max(1, max_batch_rows // params.n)
-    out = []
-    for start in range(0, len(prompts), per_batch):
-        group = range(start, min(start + per_batch, len(prompts)))
-        rows = []
-        for k, i in enumerate(group):
-            base = seeds[i] if seeds is not None else (params.seed if entropy is None else entropy + i)
-            rows += [smp.RowSpec(
-                prompt=k, seed=smp.row_seed(base, j), temperature=params.temperature, top_p=params.top_p,
-                top_k=params.top_k, max_new_tokens=params.max_new_tokens, stop_token_ids=stop_ids, stop=params.stop,
-            ) for j in range(params.n)]
-        results = sampler.run([encoded[i][1] for i in group], rows, decode)
-        for k, i in enumerate(group):
-            samples = tuple(to_sample(decode, results[k * params.n + j]) for j in range(params.n))
-            out.append(GenerationResult(encoded[i][0], tuple(encoded[i][1]), samples))
-    return out
+    engine = engine or Engine(model, engine_config(config), mesh, decode)
+    engine.decode = decode
+    specs = [row_specs(params, seeds[i] if seeds is not None else prompt_seed(base, i), stop_ids)
+             for i in range(len(prompts))]
+    for i, ((_, ids), rows) in enumerate(zip(encoded, specs)):
+        try:
+            engine.check(ids, rows)
+        except ValueError as e:
+            raise ValueError(f"generate: prompt {i}: {e}") from None
+    results = engine.run([ids for _, ids in encoded], specs)
+    return [GenerationResult(text, tuple(ids), tuple(to_sample(decode, r) for r in res))
+            for (text, ids), res in zip(encoded, results)]
 
 
 def _fresh_seed() -> int:
@@ -186,7 +225,8 @@ def to_sample(decode, res) -> Sample:
 
     ended_by_token = res.finish_reason == "stop" and isinstance(res.stop_reason, int)
     text = final_text(decode, res.tokens, res.stream, drop_last=ended_by_token)
-    return Sample(text, tuple(res.tokens), res.finish_reason, res.stop_reason)
+    logprobs = None if res.logprobs is None else tuple(res.logprobs)
+    return Sample(text, tuple(res.tokens), res.finish_reason, res.stop_reason, logprobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,14 +251,9 @@ def load_model(checkpoint: Optional[str] = None, hf: Optional[str] = None, *, st
 
 def generation_config_eos(folder: str) -> tuple[int, ...]:
     """EOS ids listed in a Hugging Face folder's generation_config.json (none when absent)."""
-    from lt_jax import storage
+    from lt_jax.model.hf import generation_config_eos as read
 
-    path = storage.join(folder, "generation_config.json")
-    if not storage.exists(path):
-        return ()
-    eos = json.loads(storage.read_text(path)).get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return tuple(int(i) for i in eos)
+    return read(folder)
 
 
 def load_tokenizer(path: str):
@@ -245,7 +280,12 @@ def add_model_arguments(parser, *, with_source: bool = True) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the --hf folder; required with --checkpoint)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="parameter/compute dtype")
     parser.add_argument("--mesh", default="fsdp=-1", help="mesh axis sizes, e.g. data=1,fsdp=-1,tensor=1")
-    parser.add_argument("--chunk-size", type=int, default=64, help="decode steps per device call")
+    parser.add_argument("--chunk-size", type=int, default=16, help="decode steps per device call")
+    parser.add_argument("--slots", type=int, default=16, help="decode slots (sequences decoded together)")
+    parser.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens")
+    parser.add_argument("--num-pages", type=int, help="KV cache pages (default: every slot can reach the "
+                        "context, capped at half the free accelerator memory)")
+    parser.add_argument("--max-len", type=int, help="prompt + new tokens per sequence (default: the context)")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -261,6 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--logprobs", type=int, help="with --out: per token logprob and this many alternatives")
     parser.add_argument("--out", help="write results as JSONL here (local or gs://) instead of printing texts")
 
 
@@ -269,7 +310,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     eos_ids: tuple[int, ...]  # tokenizer + model config + generation_config.json
-    config: Any  # SamplerConfig
+    config: Any  # EngineConfig
     mesh: Any
     name: str
 
@@ -278,7 +319,7 @@ def load_from_args(args) -> LoadedModel:
     """The model, tokenizer and sampling setup the shared model flags describe."""
     from lt_jax.model.hf_cli import parse_mesh
     from lt_jax.model.sharding import make_mesh
-    from lt_jax.sample.sampler import SamplerConfig
+    from lt_jax.sample.engine import EngineConfig
 
     if args.checkpoint and not args.tokenizer:
         raise SystemExit("--checkpoint needs --tokenizer DIR (checkpoints hold no tokenizer)")
@@ -287,8 +328,9 @@ def load_from_args(args) -> LoadedModel:
     tokenizer = load_tokenizer(args.tokenizer or args.hf)
     eos = eos_token_ids(model, tokenizer) + (generation_config_eos(args.hf) if args.hf else ())
     name = (args.hf or args.checkpoint).rstrip("/").rsplit("/", 1)[-1]
-    return LoadedModel(model, tokenizer, tuple(dict.fromkeys(eos)), SamplerConfig(chunk_size=args.chunk_size),
-                       mesh, name)
+    config = EngineConfig(num_slots=args.slots, page_size=args.page_size, num_pages=args.num_pages,
+                          max_len=args.max_len, decode_steps=args.chunk_size)
+    return LoadedModel(model, tokenizer, tuple(dict.fromkeys(eos)), config, mesh, name)
 
 
 def read_prompts(args) -> list[Prompt]:
@@ -320,14 +362,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = read_prompts(args)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
+                            seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+                            logprobs=args.logprobs)
     lm = load_from_args(args)
     results = generate(lm.model, lm.tokenizer, prompts, params, eos_ids=lm.eos_ids, mesh=lm.mesh, config=lm.config)
     if args.out:
         from lt_jax import storage
 
         lines = [json.dumps({"prompt": r.prompt, "prompt_tokens": len(r.prompt_token_ids), "samples": [
-            {"text": s.text, "num_tokens": s.num_tokens, "finish_reason": s.finish_reason} for s in r.samples
+            {"text": s.text, "num_tokens": s.num_tokens, "finish_reason": s.finish_reason,
+             **({"logprobs": s.logprobs} if s.logprobs is not None else {})} for s in r.samples
         ]}, ensure_ascii=False) for r in results]
         storage.write_text(args.out, "\n".join(lines) + "\n")
         print(f"wrote {len(results)} results to {args.out}", file=sys.stderr)

@@ -1,15 +1,19 @@
-"""A server backend over the KV-cache sampler: `lt-jax serve --checkpoint DIR | --hf DIR`.
+"""A server backend over the generation engine: `lt-jax serve --checkpoint DIR | --hf DIR`.
 
-The server hands over a batch of requests at a time; every choice of every request becomes one
-row of a single sampler call (one prefill for all prompts; the n choices of a request share its
-prefill), each row with its request's own temperature / top-p / top-k / max_tokens / stop strings.
-Choice j of a request seeded s uses the same row seed as `lt_jax.generate(..., seed=s)` sample j,
-so a seeded request is reproducible whatever it is batched with. `generate_stream` emits text
-deltas after every decode chunk (`--chunk-size` steps), holding back a possible stop-string prefix.
+Requests join the running batch: the server's engine runner (`server.EngineRunner`) calls
+`prepare` off the event loop (tokenize and validate: a ValueError is that request's 400), then
+`open` / `step` / `cancel` on its one engine thread, and streams each `step`'s text deltas. The
+n choices of a request share its prefill. Choice j of a request seeded s uses the same row seed as
+`lt_jax.generate(..., seed=s)` sample j of a one-prompt call, so a seeded request is reproducible
+whatever it is batched with. `generate` / `generate_stream` serve a whole batch at once (tools).
+
+Length rule: a request whose prompt plus max_tokens exceeds the context is refused (400); a
+request without max_tokens gets what is left of the context, up to `--max-new-tokens`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Iterator, Optional, Sequence
@@ -37,79 +41,138 @@ def from_args(args) -> "ModelBackend":
                         max_new_tokens=args.max_new_tokens)
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A request tokenized and checked, ready for the engine."""
+
+    ids: tuple[int, ...]
+    specs: tuple  # one sampler.RowSpec per choice
+
+
 class ModelBackend:
-    """`Backend` (lt_jax.sample.backends) over a Transformer and its tokenizer."""
+    """`Backend` (lt_jax.sample.backends) over a Transformer and its tokenizer, through the engine."""
 
     def __init__(self, model, tokenizer, name: str, *, eos_ids: Optional[Sequence[int]] = None, mesh=None,
                  config=None, max_new_tokens: int = 4096, skip_special_tokens: bool = True):
-        from lt_jax.sample import sampler as smp
-        from lt_jax.sample.generate import make_decoder, eos_token_ids
+        from lt_jax.sample.engine import Engine
+        from lt_jax.sample.generate import engine_config, eos_token_ids, make_decoder
 
         self.name = name
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.eos_ids = tuple(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
-        self.context = model.config.max_position_embeddings
-        self.sampler = smp.Sampler(model, mesh, config or smp.SamplerConfig())
         self._decode = make_decoder(tokenizer, skip_special_tokens)
-        self.batch_sizes: list[int] = []  # rows per sampler call, for tests and /stats
+        self.engine = Engine(model, engine_config(config), mesh, self._decode)
+        self.context = self.engine.config.max_len
+        self.vocab_size = model.config.vocab_size
+        self.batch_sizes: list[int] = []  # rows per batch call, for tests and /stats
+        # engine request id -> (prompt tokens, text sent per choice, choices still running)
+        self._open: dict[int, tuple[int, list[str], list[int]]] = {}
 
-    def _rows(self, requests: Sequence[GenRequest]):
+    # -- requests one by one (the server's engine runner) ---------------------------------------
+
+    def prepare(self, req: GenRequest) -> Prepared:
+        """Tokenizes and checks one request (thread-safe; the server calls it off the event loop).
+        Raises ValueError with the reason when it cannot be served."""
         from lt_jax.sample.generate import encode_prompt
         from lt_jax.sample.sampler import RowSpec, row_seed
 
-        prompts, rows = [], []
-        for i, req in enumerate(requests):
-            _, ids = encode_prompt(self.tokenizer, req.prompt if req.prompt is not None else list(req.messages))
-            room = self.context - len(ids)
-            if room < 1:
-                raise ValueError(f"request {i}: the prompt has {len(ids)} tokens; the model's context is "
-                                 f"{self.context}")
-            budget = min(req.max_tokens or self.max_new_tokens, self.max_new_tokens, room)
-            entropy = int.from_bytes(os.urandom(4), "little") if req.seed is None else None
-            for j in range(req.n):
-                seed = row_seed(req.seed, j) if entropy is None else row_seed(entropy, j)
-                rows.append(RowSpec(
-                    prompt=i, seed=seed, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or 0,
-                    max_new_tokens=budget, stop_token_ids=self.eos_ids, stop=tuple(req.stop),
-                ))
-            prompts.append(ids)
-        self.batch_sizes.append(len(rows))
-        return prompts, rows
+        _, ids = encode_prompt(self.tokenizer, req.prompt if req.prompt is not None else list(req.messages))
+        room = self.context - len(ids)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.context}")
+        if req.max_tokens is not None and req.max_tokens > min(room, self.max_new_tokens):
+            raise ValueError(f"max_tokens {req.max_tokens} is too large: the prompt has {len(ids)} tokens, the "
+                             f"context is {self.context} and this server's cap is {self.max_new_tokens}; "
+                             f"at most {min(room, self.max_new_tokens)} here")
+        budget = req.max_tokens or min(self.max_new_tokens, room)
+        seed = int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed
+        if any(not 0 <= i < self.vocab_size for i in req.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids below the vocabulary size {self.vocab_size}")
+        stop_ids = tuple(dict.fromkeys((() if req.ignore_eos else self.eos_ids) + tuple(req.stop_token_ids)))
+        specs = tuple(RowSpec(prompt=0, seed=row_seed(seed, j), temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k or 0, max_new_tokens=budget, stop_token_ids=stop_ids,
+                              stop=tuple(req.stop), logprobs=req.logprobs, min_p=req.min_p,
+                              min_tokens=min(req.min_tokens, budget)) for j in range(req.n))
+        self.engine.check(ids, specs)
+        return Prepared(tuple(ids), specs)
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        prompts, rows = self._rows(requests)
-        results = self.sampler.run(prompts, rows, self._decode)
-        return self._collect(requests, prompts, results)
+    def validate(self, req: GenRequest) -> None:
+        self.prepare(req)
 
-    def _collect(self, requests, prompts, results) -> list[GenResult]:
+    def open(self, prepared: Prepared) -> int:
+        """Queues a prepared request in the engine (engine thread); returns its id."""
+        rid = self.engine.submit(prepared.ids, prepared.specs, track_text=True)
+        self._open[rid] = (len(prepared.ids), [""] * len(prepared.specs), [len(prepared.specs)])
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Stops a request (its client went away): frees its slots and pages."""
+        if rid in self._open:
+            self.engine.cancel(rid)
+            self.engine.pop(rid)
+            del self._open[rid]
+
+    @property
+    def busy(self) -> bool:
+        return self.engine.busy
+
+    def step(self) -> list[tuple[int, StreamEvent]]:
+        """One engine step -> (engine request id, text delta event) pairs; `event.request` is 0."""
         from lt_jax.sample.generate import to_sample
 
-        out, k = [], 0
-        for req, ids in zip(requests, prompts):
-            samples = [to_sample(self._decode, results[k + j]) for j in range(req.n)]
-            out.append(GenResult(tuple(Choice(s.text, s.finish_reason, s.num_tokens) for s in samples), len(ids)))
-            k += req.n
+        out = []
+        for u in self.engine.step():
+            prompt_tokens, sent, left = self._open[u.request]
+            res = self.engine.results(u.request)[u.index]
+            if u.finish_reason is None:
+                delta = res.stream.delta()
+                if delta:
+                    sent[u.index] += delta
+                    out.append((u.request, StreamEvent(0, u.index, delta)))
+                continue
+            text = to_sample(self._decode, res).text
+            # The full decode is the truth; the streamed prefix normally matches it exactly.
+            rest = text[len(sent[u.index]):] if text.startswith(sent[u.index]) else ""
+            out.append((u.request, StreamEvent(0, u.index, rest, u.finish_reason, len(res.tokens), prompt_tokens,
+                                               self._logprob_entries(res))))
+            left[0] -= 1
+            if not left[0]:
+                self.engine.pop(u.request)
+                del self._open[u.request]
+        return out
+
+    def _logprob_entries(self, res) -> Optional[tuple]:
+        """(token text, logprob, ((text, logprob), ...)) per generated token, when asked."""
+        if res.logprobs is None:
+            return None
+        text = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        return tuple((text(t), lp, tuple((text(a), alp) for a, alp in top))
+                     for t, (lp, top) in zip(res.tokens, res.logprobs))
+
+    # -- a whole batch at once ------------------------------------------------------------------
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        texts: dict = {}
+        finals: dict = {}
+        for ev in self.generate_stream(requests):
+            texts[ev.request, ev.choice] = texts.get((ev.request, ev.choice), "") + ev.text
+            if ev.finish_reason is not None:
+                finals[ev.request, ev.choice] = ev
+        out = []
+        for r, req in enumerate(requests):
+            evs = [finals[r, j] for j in range(req.n)]
+            out.append(GenResult(tuple(Choice(texts[r, j], e.finish_reason, e.completion_tokens)
+                                       for j, e in enumerate(evs)), evs[0].prompt_tokens))
         return out
 
     def generate_stream(self, requests: list[GenRequest]) -> Iterator[StreamEvent]:
-        """Text deltas after every decode chunk; a choice's last event carries its finish reason."""
-        from lt_jax.sample.generate import to_sample
-
-        prompts, rows = self._rows(requests)
-        where = [(r, j) for r, req in enumerate(requests) for j in range(req.n)]
-        results: list = []
-        sent = [""] * len(rows)
-        for updates in self.sampler.stream(prompts, rows, self._decode, track_text=True, results=results):
-            for u in updates:
-                res, (r, j) = results[u.row], where[u.row]
-                if u.finish_reason is None:
-                    delta = res.stream.delta()
-                    if delta:
-                        sent[u.row] += delta
-                        yield StreamEvent(r, j, delta)
-                    continue
-                text = to_sample(self._decode, res).text
-                # The full decode is the truth; the streamed prefix normally matches it exactly.
-                rest = text[len(sent[u.row]):] if text.startswith(sent[u.row]) else ""
-                yield StreamEvent(r, j, rest, u.finish_reason, len(res.tokens), len(prompts[r]))
+        """Text deltas as the batch decodes; a choice's last event carries its finish reason."""
+        prepared = [self.prepare(r) for r in requests]
+        self.batch_sizes.append(sum(len(p.specs) for p in prepared))
+        index = {self.open(p): i for i, p in enumerate(prepared)}
+        left = len(index)
+        while left:
+            for rid, ev in self.step():
+                yield dataclasses.replace(ev, request=index[rid])
+            left = sum(1 for rid in index if rid in self._open)

@@ -9,6 +9,7 @@ extensions are accepted: `top_k` (vLLM/SGLang) and `reasoning_format` ("inline" 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from typing import Any
@@ -19,12 +20,15 @@ REASONING_FORMATS = ("inline", "separate")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Parameters that would change the output in ways the backends cannot honour: refuse, don't ignore.
 _UNSUPPORTED = {
-    "logprobs": lambda v: bool(v), "top_logprobs": lambda v: v not in (None, 0),
     "tools": lambda v: bool(v), "functions": lambda v: bool(v), "echo": lambda v: bool(v),
     "best_of": lambda v: v not in (None, 1), "suffix": lambda v: v is not None,
     "logit_bias": lambda v: bool(v), "audio": lambda v: v is not None,
     "response_format": lambda v: isinstance(v, dict) and v.get("type") not in (None, "text"),
+    # Sampling extensions the engine does not implement yet (vLLM names): refused rather than ignored.
+    "frequency_penalty": lambda v: v not in (None, 0), "presence_penalty": lambda v: v not in (None, 0),
+    "repetition_penalty": lambda v: v not in (None, 1),
 }
+_INT_MAX = 2**31 - 1  # device-side integers are int32
 
 
 class APIError(Exception):
@@ -60,7 +64,7 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(f"'{name}' must be a number, got {value!r}", param=name, code="invalid_type")
-    if value > hi or value < lo or (lo_open and value == lo):
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
         bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
         raise APIError(f"'{name}' must be in {bound}, got {value}", param=name, code="invalid_value")
     return float(value)
@@ -93,10 +97,10 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
     for name, bad in _UNSUPPORTED.items():
         if bad(body.get(name)):
             raise APIError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    top_k = _integer(body, "top_k", -1)
-    max_tokens = _integer(body, "max_completion_tokens", 1)
+    top_k = _integer(body, "top_k", -1, _INT_MAX)
+    max_tokens = _integer(body, "max_completion_tokens", 1, _INT_MAX)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1)
+        max_tokens = _integer(body, "max_tokens", 1, _INT_MAX)
     return dict(
         n=_integer(body, "n", 1, max_n) or 1,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -105,7 +109,29 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
         max_tokens=max_tokens,
         stop=_stop(body),
         seed=_integer(body, "seed", -(2**63)),
+        stop_token_ids=_token_ids(body, "stop_token_ids"),
+        ignore_eos=_boolean(body, "ignore_eos"),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        min_tokens=_integer(body, "min_tokens", 0, _INT_MAX) or 0,
     )
+
+
+def _token_ids(body: dict, name: str) -> tuple[int, ...]:
+    value = body.get(name) or []
+    if (not isinstance(value, list) or len(value) > 64
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= _INT_MAX for i in value)):
+        raise APIError(f"'{name}' must be a list of at most 64 token ids (non-negative integers)", param=name,
+                       code="invalid_value")
+    return tuple(value)
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(f"'{name}' must be a boolean, got {value!r}", param=name, code="invalid_type")
+    return value
 
 
 def _common(body: Any, served: str) -> tuple[str, bool, bool]:
@@ -157,10 +183,31 @@ def _reasoning_format(body: dict, default: str) -> str:
     return value
 
 
+MAX_LOGPROBS = 20
+
+
+def _logprobs(body: dict, chat: bool, stream: bool) -> int | None:
+    """Top alternatives per token wanted (None: no logprobs). Chat: `logprobs` true and
+    `top_logprobs`; completions: `logprobs` as the count."""
+    if chat:
+        wanted = _boolean(body, "logprobs")
+        top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+        if top is not None and not wanted:
+            raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+        count = (top or 0) if wanted else None
+    else:
+        count = _integer(body, "logprobs", 0, MAX_LOGPROBS)
+    if count is not None and stream:
+        raise APIError("logprobs are not supported with stream=true yet", param="logprobs",
+                       code="unsupported_parameter")
+    return count
+
+
 def parse_chat(body: Any, served: str, *, max_n: int, reasoning_format: str) -> ParsedCall:
     """Validates a /v1/chat/completions body; raises APIError naming the bad field."""
     model, stream, usage = _common(body, served)
-    request = GenRequest(messages=_messages(body.get("messages")), **_sampling(body, max_n))
+    request = GenRequest(messages=_messages(body.get("messages")), **_sampling(body, max_n),
+                         logprobs=_logprobs(body, True, stream))
     return ParsedCall(model, (request,), stream, usage, _reasoning_format(body, reasoning_format))
 
 
@@ -174,7 +221,7 @@ def parse_completion(body: Any, served: str, *, max_n: int, max_prompts: int = 6
                        param="prompt", code="invalid_type")
     if len(prompts) > max_prompts:
         raise APIError(f"at most {max_prompts} prompts per request", param="prompt", code="invalid_value")
-    sampling = _sampling(body, max_n)
+    sampling = dict(_sampling(body, max_n), logprobs=_logprobs(body, False, stream))
     return ParsedCall(model, tuple(GenRequest(prompt=p, **sampling) for p in prompts), stream, usage, "inline")
 
 
@@ -278,24 +325,51 @@ def chat_message(text: str, reasoning_format: str) -> dict[str, Any]:
 
 
 def chat_response(call_id: str, model: str, choices: list[tuple[str, str]], reasoning_format: str,
-                  use: dict[str, int]) -> dict[str, Any]:
-    """A chat.completion body; `choices` are (text, finish_reason) pairs in index order."""
+                  use: dict[str, int], logprobs: list | None = None) -> dict[str, Any]:
+    """A chat.completion body; `choices` are (text, finish_reason) pairs in index order; logprobs:
+    per choice, (token text, logprob, [(token text, logprob), ...]) per generated token, or None."""
+    logprobs = logprobs or [None] * len(choices)
     return {
         "id": call_id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "message": chat_message(text, reasoning_format), "finish_reason": finish,
-                     "logprobs": None} for i, (text, finish) in enumerate(choices)],
+                     "logprobs": chat_logprobs(lp)} for i, ((text, finish), lp) in enumerate(zip(choices, logprobs))],
         "usage": use,
     }
 
 
 def completion_response(call_id: str, model: str, choices: list[tuple[str, str]],
-                        use: dict[str, int]) -> dict[str, Any]:
+                        use: dict[str, int], logprobs: list | None = None) -> dict[str, Any]:
+    logprobs = logprobs or [None] * len(choices)
     return {
         "id": call_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-                    for i, (text, finish) in enumerate(choices)],
+        "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": completion_logprobs(lp)}
+                    for i, ((text, finish), lp) in enumerate(zip(choices, logprobs))],
         "usage": use,
     }
+
+
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(entries: list | None) -> dict[str, Any] | None:
+    """The chat `logprobs` object ({"content": [...]}) of a choice's token entries."""
+    if entries is None:
+        return None
+    return {"content": [dict(_token(t, lp), top_logprobs=[_token(a, alp) for a, alp in top])
+                        for t, lp, top in entries]}
+
+
+def completion_logprobs(entries: list | None) -> dict[str, Any] | None:
+    """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    if entries is None:
+        return None
+    offsets, at = [], 0
+    for t, _, _ in entries:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
 
 
 def chat_chunk(call_id: str, model: str, index: int, delta: dict[str, Any],

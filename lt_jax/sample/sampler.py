@@ -83,6 +83,9 @@ class RowSpec:
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    logprobs: Optional[int] = None  # engine only: per token, the chosen token's logprob and the top-N
+    min_tokens: int = 0  # engine only: stop token ids cannot be drawn before this many tokens
+    min_p: float = 0.0  # engine only: drop tokens below min_p x the top token's probability
 
 
 @dataclasses.dataclass
@@ -91,6 +94,7 @@ class RowResult:
     finish_reason: Optional[str] = None  # "stop" | "length"; None while running
     stop_reason: object = None  # the stop token id or stop string that ended the row
     stream: Optional[TextStream] = None  # text state, when tracked
+    logprobs: Optional[list] = None  # per token (logprob, ((id, logprob), ...) top-N), when asked
 
 
 class RowUpdate(NamedTuple):
@@ -170,6 +174,38 @@ def sample_from_logits(
     return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
 
 
+def constrain_logits(logits, count, temperature, stop_ids, min_tokens, min_p):
+    """Logits [R, V] with the stop token ids masked while count < min_tokens, and (min-p) every
+    token whose probability after temperature is below min_p x the top token's masked. min_p 0
+    and min_tokens 0 change nothing."""
+    vocab = jnp.arange(logits.shape[-1])
+    is_stop = jnp.any(vocab[None, None, :] == stop_ids[:, :, None], axis=1)  # [R, V]
+    logits = jnp.where(is_stop & (count < min_tokens)[:, None], -jnp.inf, logits)
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    gap = (logits - jnp.max(logits, axis=-1, keepdims=True)) / t[:, None]  # log(p / p_max)
+    low = (min_p > 0)[:, None] & (gap < jnp.log(jnp.maximum(min_p, 1e-30))[:, None])
+    return jnp.where(low, -jnp.inf, logits)
+
+
+def token_logprobs(logits, temperature, chosen, top_n: int):
+    """(chosen token's logprob [R], top-N ids [R, N], their logprobs [R, N]) from the distribution
+    the token was drawn from: softmax(logits / temperature) after temperature and before top-k /
+    top-p truncation (what OpenAI and vLLM report); greedy rows (temperature 0) use temperature 1."""
+    t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32) / t[:, None], axis=-1)
+    chosen_lp = jnp.take_along_axis(lp, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0]
+    if top_n == 0:
+        empty = jnp.zeros((logits.shape[0], 0))
+        return chosen_lp, empty.astype(jnp.int32), empty
+    top_lp, top_ids = jax.lax.top_k(lp, top_n)
+    return chosen_lp, top_ids.astype(jnp.int32), top_lp
+
+
+def logprob_rows(lp, top_ids, top_lp, n: int) -> list:
+    """Host copies of one slot's first n tokens' (logprob, ((id, logprob), ...))."""
+    return [(float(lp[k]), tuple(zip(map(int, top_ids[k]), map(float, top_lp[k])))) for k in range(n)]
+
+
 def sampling_mode(rows: Sequence["RowSpec"]) -> str:
     """The cheapest `sample_from_logits` mode that serves every row."""
     if all(r.temperature == 0 for r in rows):
@@ -197,6 +233,22 @@ class RowParams(NamedTuple):
     top_k: jax.Array  # [R] i32
     budget: jax.Array  # [R] i32: max new tokens
     stop_ids: jax.Array  # [R, S] i32, -1 padded
+
+
+class Limits(NamedTuple):
+    """Per-row constraints on the draw: min_tokens [R] i32, min_p [R] f32."""
+
+    min_tokens: jax.Array
+    min_p: jax.Array
+
+
+def row_limits(specs: Sequence[Optional["RowSpec"]], n: int) -> Limits:
+    """Per-row min_tokens / min_p of `specs` (None: an empty row) as arrays of n rows."""
+    min_tokens, min_p = np.zeros(n, np.int32), np.zeros(n, np.float32)
+    for i, s in enumerate(specs):
+        if s is not None:
+            min_tokens[i], min_p[i] = s.min_tokens, s.min_p
+    return Limits(min_tokens, min_p)
 
 
 class DecodeState(NamedTuple):
@@ -384,6 +436,9 @@ class Sampler:
                 raise ValueError(f"sampler: row {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
             if r.stop and decode is None:
                 raise ValueError("sampler: stop strings need a decode function (a tokenizer)")
+            if r.min_tokens or r.min_p or r.logprobs is not None:
+                raise ValueError(f"sampler: row {i}: min_tokens, min_p and logprobs need the engine "
+                                 "(lt_jax.sample.engine), not the lockstep sampler")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"sampler: prompt {i} is empty")
@@ -420,25 +475,34 @@ class Sampler:
         for r, (spec, res) in enumerate(zip(rows, results)):
             if res.finish_reason is not None:
                 continue
-            new = _row_tokens(chunk[r], spec, len(res.tokens))
-            reason, stop_reason = None, None
-            if new and new[-1] in spec.stop_token_ids:
-                reason, stop_reason = "stop", new[-1]
-            elif len(res.tokens) + len(new) >= spec.max_new_tokens:
-                reason = "length"
-            if res.stream is not None:
-                # A stop token is in the row's tokens but not its text.
-                keep = res.stream.push(new[:-1] if stop_reason is not None else new)
-                if keep is not None:  # a stop string completed inside this chunk
-                    new = new[: keep - len(res.tokens)]
-                    reason, stop_reason = "stop", res.stream.stop_match[0]
-            res.tokens.extend(new)
+            new, reason = advance_row(res, spec, chunk[r])
             if reason is not None:
-                res.finish_reason, res.stop_reason = reason, stop_reason
                 host_done[r] = True
             if new or reason is not None:
                 updates.append(RowUpdate(r, new, reason))
         return updates
+
+
+def advance_row(res: RowResult, spec: RowSpec, chunk_row) -> tuple[list[int], Optional[str]]:
+    """Appends a row's new tokens from a device chunk (up to its first stop token id, its budget or
+    a stop string completed in them) and ends it when one of those hit: (tokens appended, finish
+    reason or None). Shared by the lockstep sampler and the engine."""
+    new = _row_tokens(np.asarray(chunk_row), spec, len(res.tokens))
+    reason, stop_reason = None, None
+    if new and new[-1] in spec.stop_token_ids:
+        reason, stop_reason = "stop", new[-1]
+    elif len(res.tokens) + len(new) >= spec.max_new_tokens:
+        reason = "length"
+    if res.stream is not None:
+        # A stop token is in the row's tokens but not its text.
+        keep = res.stream.push(new[:-1] if stop_reason is not None else new)
+        if keep is not None:  # a stop string completed inside this chunk
+            new = new[: keep - len(res.tokens)]
+            reason, stop_reason = "stop", res.stream.stop_match[0]
+    res.tokens.extend(new)
+    if reason is not None:
+        res.finish_reason, res.stop_reason = reason, stop_reason
+    return new, reason
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

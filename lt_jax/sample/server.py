@@ -20,6 +20,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import queue
 import socket
 import threading
 import time
@@ -152,10 +153,128 @@ class Batcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def _events(out: asyncio.Queue, expected: int) -> AsyncIterator[tuple[int, StreamEvent]]:
-    """Yields (tag, event) until `expected` choices have finished; raises a backend error."""
+class _Call:
+    """One HTTP call's prepared requests in the engine runner, and where their events go."""
+
+    def __init__(self, prepared: list, out: asyncio.Queue):
+        self.prepared, self.out = prepared, out
+        self.rids: dict[int, int] = {}  # engine request id -> tag (which prompt of the call)
+        self.left = [len(p.specs) for p in prepared]  # choices still running, per tag
+        self.cancelled = False
+
+
+class EngineRunner:
+    """Continuous batching for an incremental backend (`model_backend.ModelBackend`): each request
+    joins the running batch as soon as it arrives. One daemon thread owns the backend: it opens
+    new requests, cancels those whose clients left, and runs engine steps, routing each step's
+    text deltas to their HTTP calls. Same `submit` / `stats` / `close` shape as `Batcher`."""
+
+    def __init__(self, backend: Any, cfg: ServerConfig):
+        self.backend, self.cfg = backend, cfg
+        self._inbox: "queue.Queue[tuple[str, _Call]]" = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._calls: dict[int, _Call] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True, name="lt-jax-engine")
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # running sequences -> steps
+        self.requests = 0
+        self.queued = 0
+
+    async def run_forever(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+        await asyncio.Event().wait()  # lives as long as the app; the thread does the work
+
+    def submit(self, prepared: list, stream: bool = False) -> _Call:
+        if self.queued + len(prepared) > self.cfg.max_queued_requests:
+            raise api.APIError("server overloaded; retry later", status=503, type="server_error",
+                               code="overloaded")
+        call = _Call(prepared, asyncio.Queue())
+        self.queued += len(prepared)
+        self.requests += len(prepared)
+        self._inbox.put(("open", call))
+        return call
+
+    def cancel(self, call: _Call) -> None:
+        """The client left: its requests stop and free their slots and pages."""
+        self._inbox.put(("cancel", call))
+
+    def _send(self, call: _Call, item) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(call.out.put_nowait, item)
+
+    def _main(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._take_messages(block=not self.backend.busy)
+                if self.backend.busy:
+                    self._step()
+            except Exception as e:  # a backend failure fails the requests in flight, not the server
+                log.exception("engine step failed")
+                for rid, call in list(self._calls.items()):
+                    self._send(call, api.APIError(f"backend error: {e}", status=500, type="server_error",
+                                                  code="backend_error"))
+                    self.backend.cancel(rid)
+                self._calls.clear()
+
+    def _take_messages(self, block: bool) -> None:
+        try:
+            kind, call = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if kind == "open" and not call.cancelled:
+                self.queued -= len(call.prepared)
+                for tag, prepared in enumerate(call.prepared):
+                    rid = self.backend.open(prepared)
+                    call.rids[rid] = tag
+                    self._calls[rid] = call
+            elif kind == "cancel":
+                call.cancelled = True
+                for rid in list(call.rids):
+                    self.backend.cancel(rid)
+                    self._calls.pop(rid, None)
+            try:
+                kind, call = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        self.batch_sizes[sum(s is not None for s in self.backend.engine.slots)] += 1
+        for rid, ev in self.backend.step():
+            call = self._calls.get(rid)
+            if call is None:
+                continue
+            tag = call.rids[rid]
+            self._send(call, (tag, ev))
+            if ev.finish_reason is not None:
+                call.left[tag] -= 1
+                if not call.left[tag]:  # every choice of this request has finished
+                    del self._calls[rid]
+
+    def stats(self) -> dict[str, Any]:
+        return {"requests": self.requests, "engine_steps": sum(self.batch_sizes.values()),
+                "running_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "engine": dict(self.backend.engine.stats)}
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+async def _events(out: asyncio.Queue, expected: int, watch: web.Request | None = None
+                  ) -> AsyncIterator[tuple[int, StreamEvent]]:
+    """Yields (tag, event) until `expected` choices have finished; raises a backend error. With
+    `watch`, raises ConnectionResetError once that request's client has disconnected."""
     while expected:
-        got = await out.get()
+        if watch is None:
+            got = await out.get()
+        else:
+            try:
+                got = await asyncio.wait_for(out.get(), 0.25)
+            except asyncio.TimeoutError:
+                if watch.transport is None or watch.transport.is_closing():
+                    raise ConnectionResetError("the client disconnected") from None
+                continue
         if isinstance(got, Exception):
             raise got
         if got[1].finish_reason is not None:
@@ -197,6 +316,8 @@ class _Handlers:
         return await self._serve(request, call, chat=False)
 
     async def _serve(self, request: web.Request, call: api.ParsedCall, chat: bool) -> web.StreamResponse:
+        if isinstance(self.batcher, EngineRunner):
+            return await self._serve_engine(request, call, chat)
         validate = getattr(self.backend, "validate", None)  # backend-specific limits, e.g. context length
         for req in call.requests if validate else ():
             try:
@@ -204,32 +325,65 @@ class _Handlers:
             except ValueError as e:
                 raise api.APIError(str(e), code="invalid_request") from None
         out = self.batcher.submit(call.requests, call.stream)
+        return await self._respond(request, call, chat, out)
+
+    async def _serve_engine(self, request: web.Request, call: api.ParsedCall, chat: bool) -> web.StreamResponse:
+        """Requests checked one by one (tokenized off the event loop), then straight into the
+        running batch; a client that goes away cancels its requests."""
+        loop = asyncio.get_running_loop()
+        prepared = []
+        for req in call.requests:
+            try:
+                prepared.append(await loop.run_in_executor(None, self.backend.prepare, req))
+            except ValueError as e:
+                raise api.APIError(str(e), code="invalid_request") from None
+        handle = self.batcher.submit(prepared, call.stream)
+        gone = lambda: self.batcher.cancel(handle)  # noqa: E731
+        try:
+            return await self._respond(request, call, chat, handle.out, gone)
+        except BaseException:  # a failure or a cancelled handler: free the slots and pages
+            gone()
+            raise
+
+    async def _respond(self, request: web.Request, call: api.ParsedCall, chat: bool, out,
+                       gone=None) -> web.StreamResponse:
+        """The answer to a call whose events arrive on `out`. gone: called when the client has left
+        (the engine then stops its requests); without it a departure is an error as before."""
         n = call.requests[0].n
         expected = n * len(call.requests)
         call_id = api.new_id("chatcmpl" if chat else "cmpl")
         if call.stream:
-            return await self._stream(request, call, out, expected, call_id, chat)
+            return await self._stream(request, call, out, expected, call_id, chat, gone)
         texts = [[] for _ in range(expected)]
         finish: list[str] = [""] * expected
         prompt_tokens, completion_tokens = [0] * len(call.requests), 0
-        async for tag, ev in _events(out, expected):
+        watch = request if gone is not None else None
+        try:
+            events = [x async for x in _events(out, expected, watch)]
+        except ConnectionResetError:
+            gone()
+            log.info("client left before its answer; its requests are cancelled")
+            return web.Response(status=499)
+        logprobs: list = [None] * expected
+        for tag, ev in events:
             index = tag * n + ev.choice
             texts[index].append(ev.text)
             if ev.finish_reason is not None:
                 finish[index] = ev.finish_reason
                 prompt_tokens[tag] = ev.prompt_tokens
                 completion_tokens += ev.completion_tokens
+                logprobs[index] = getattr(ev, "logprobs", None)
         choices = [("".join(t), f) for t, f in zip(texts, finish)]
         use = api.usage(sum(prompt_tokens), completion_tokens)
-        body = (api.chat_response(call_id, call.model, choices, call.reasoning_format, use) if chat
-                else api.completion_response(call_id, call.model, choices, use))
+        body = (api.chat_response(call_id, call.model, choices, call.reasoning_format, use, logprobs) if chat
+                else api.completion_response(call_id, call.model, choices, use, logprobs))
         return web.json_response(body)
 
-    async def _stream(self, request, call, out, expected, call_id, chat) -> web.StreamResponse:
+    async def _stream(self, request, call, out, expected, call_id, chat, gone=None) -> web.StreamResponse:
         n = call.requests[0].n
         separate = chat and call.reasoning_format == "separate"
         splitters = [api.ThinkSplitter() if separate else None for _ in range(expected)]
-        events = _events(out, expected)
+        events = _events(out, expected, request if gone is not None else None)
         # Wait for the first event before sending headers, so a backend error is still an HTTP 500.
         first = await anext(events)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -249,6 +403,12 @@ class _Handlers:
                     completion_tokens += ev.completion_tokens
         except api.APIError as e:  # headers are sent: report in-band, as OpenAI does
             await send(e.body())
+        except ConnectionResetError:
+            if gone is None:
+                raise
+            gone()
+            log.info("a streaming client left; its requests are cancelled")
+            return response
         else:
             if call.include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
@@ -325,7 +485,9 @@ def _check_key(request: web.Request, key: str) -> None:
 def make_app(backend: Backend, cfg: ServerConfig) -> web.Application:
     """The aiohttp application; the batcher starts and stops with it."""
     app = web.Application(middlewares=[_error_middleware(cfg)], client_max_size=cfg.max_body_bytes)
-    batcher = Batcher(backend, cfg)
+    # A backend that can take requests one by one runs continuously; others get batches.
+    incremental = hasattr(backend, "prepare") and hasattr(backend, "step")
+    batcher = EngineRunner(backend, cfg) if incremental else Batcher(backend, cfg)
     h = _Handlers(backend, cfg, batcher)
     app.router.add_get("/v1/models", h.models)
     app.router.add_get("/v1/models/{model}", h.model)

@@ -10,7 +10,9 @@ parameters, the optimizer state and one global batch), lowered and compiled for 
 devices. Nothing is allocated. XLA's `memory_analysis()` then gives the per-device bytes of
 arguments, outputs, temporaries and code; they are set against the chip's HBM, with the headroom
 left. `cost_analysis()` gives the compiled FLOPs where XLA reports them. `--sampler` compiles the
-sampler's prefill and decode the same way.
+generation engine's prefill chunk and decode chunk the same way, with the shapes the engine itself
+derives from its config (`lt_jax.sample.engine.abstract_calls`: --sample-batch slots, sequences of
+--prompt-len + --max-new-tokens).
 
 Exit status: 0 fits with at least `--min-headroom`, 3 does not, 1 on errors. A compiler that runs
 out of HBM (RESOURCE_EXHAUSTED) is the clearest "does not fit": exit 3, with the bytes it needed
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import logging
 import re
@@ -122,46 +123,26 @@ def _lower_and_compile(fn, mesh, *args, **kwargs):
     return compiled, {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
 
 
-def compile_sampler(model_config, mesh, shape: SampleShape, chunk: int = 64) -> dict[str, tuple]:
-    """{"prefill": (compiled, times), "decode": (compiled, times)} of the sampler's device functions
-    for `shape` (parameters in the compute dtype, as an exported checkpoint is served)."""
+def compile_sampler(model_config, mesh, shape: SampleShape, chunk: int = 16) -> dict[str, tuple]:
+    """{"prefill": (compiled, times), "decode": (compiled, times)} of the generation engine's device
+    calls for `shape` (slots = batch, sequences of prompt_len + max_new_tokens), with the shapes the
+    engine itself derives (`engine.abstract_calls`); parameters in the compute dtype, as an
+    exported checkpoint is served."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
     from lt_jax.model import transformer as tfm
-    from lt_jax.sample import sampler as smp
+    from lt_jax.sample import engine as eng
 
     cfg = dataclasses.replace(model_config, param_dtype=model_config.compute_dtype, remat="none")
     graphdef, params = nnx.split(tfm.abstract_model(cfg, mesh))
     rep = NamedSharding(mesh, PartitionSpec())
     sds = lambda shape_, dtype: jax.ShapeDtypeStruct(shape_, dtype, sharding=rep)  # noqa: E731
-    p = smp.bucket(shape.prompt_len - 1, 16, 8)
-    cache_len = smp.bucket(p + shape.max_new_tokens, 1, 8)
-    u = r = shape.batch
-    tokens = sds((u, p + 1), jnp.int32)
-    # The evaluation setting (temperature 0.6, top-p 0.95): the most expensive sampling mode.
-    specs = [smp.RowSpec(0, temperature=0.6, top_p=0.95, max_new_tokens=shape.max_new_tokens)] * r
-    rows = jax.tree.map(lambda a: sds(a.shape, a.dtype), smp._row_params(specs, r))
-    prefill = _lower_and_compile(smp._prefill, mesh, graphdef, params, tokens, tokens, tokens, sds((r,), jnp.int32),
-                                 rows, cache_len=cache_len, cache_dtype=None, **_mode_kwargs(smp, smp._prefill, specs))
-    out_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        prefill[0].out_info[0], prefill[0].output_shardings[0],
-    )
-    decode = _lower_and_compile(smp._decode, mesh, graphdef, params, out_state, rows, sds((r,), jnp.bool_),
-                                chunk=chunk, **_mode_kwargs(smp, smp._decode, specs))
-    return {"prefill": prefill, "decode": decode}
-
-
-def _mode_kwargs(smp, fn, specs) -> dict:
-    """The sampling-mode static argument of the sampler's device functions (named `mode` or, in
-    earlier versions, `filtered`)."""
-    params = inspect.signature(inspect.unwrap(fn)).parameters
-    if "mode" in params:
-        return {"mode": smp.sampling_mode(specs)}
-    return {"filtered": True} if "filtered" in params else {}
+    config = eng.EngineConfig(num_slots=shape.batch, max_len=shape.prompt_len + shape.max_new_tokens,
+                              decode_steps=chunk, prefill_chunk=min(256, 1 << (shape.prompt_len - 1).bit_length()))
+    calls = eng.abstract_calls(cfg, config, graphdef, params, sds)
+    return {name: _lower_and_compile(fn, mesh, *args, **kwargs) for name, (fn, args, kwargs) in calls.items()}
 
 
 # ---------------------------------------------------------------------------------------------

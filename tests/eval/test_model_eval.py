@@ -68,3 +68,43 @@ def test_eval_hf_folder_with_the_sampler(tiny_hf, tmp_path):
     assert cli.main(["eval", *common, "--out", str(tmp_path / "b"), *overrides, "batch_size=1"]) == 0
     again = generations(tmp_path / "b" / "tiny" / "aime25" / "generations.jsonl")
     assert [r["samples"] for r in again] == [r["samples"] for r in recs]
+
+
+def test_eval_through_the_engine_equals_the_lockstep_sampler_per_item(tiny_hf, tmp_path):
+    """Greedy `lt-jax eval` (every problem x sample one stream of engine requests) against the
+    lockstep sampler on the same prompts."""
+    from lt_jax import cli
+    from lt_jax.eval.benchmarks import load_benchmark
+    from lt_jax.eval.harness import PromptConfig, build_messages
+    from lt_jax.sample import generate as gen
+    from lt_jax.sample import sampler as smp
+
+    out = tmp_path / "e"
+    args = ["eval", "--hf", tiny_hf, "--name", "tiny", "--benchmarks", "aime25", "--no-progress",
+            "--out", str(out), "limit=4", "num_samples=2", "sampling.max_new_tokens=8", "sampling.temperature=0"]
+    assert cli.main(args) == 0
+    recs = generations(out / "tiny" / "aime25" / "generations.jsonl")
+    model, tok = gen.load_model(hf=tiny_hf), gen.load_tokenizer(tiny_hf)
+    items = load_benchmark("aime25").head(4).items
+    prompts = [gen.encode_prompt(tok, build_messages(it, "math", PromptConfig()))[1] for it in items]
+    eos = gen.eos_token_ids(model, tok)
+    rows = [smp.RowSpec(i, temperature=0.0, max_new_tokens=8, stop_token_ids=eos) for i in range(len(items))]
+    decode = gen.make_decoder(tok, True)
+    want = [gen.to_sample(decode, r).text for r in smp.Sampler(model).run(prompts, rows, decode)]
+    by_id = {r["id"]: r for r in recs}
+    for it, text in zip(items, want):
+        assert [s["text"] for s in by_id[it.id]["samples"]] == [text, text]
+
+
+def test_a_problem_too_long_for_the_context_gets_error_samples_not_a_crash(tiny_hf):
+    from lt_jax.eval.generators import SamplerGenerator, SamplingConfig
+    from lt_jax.sample import generate as gen
+    from lt_jax.sample.engine import EngineConfig
+
+    model, tok = gen.load_model(hf=tiny_hf), gen.load_tokenizer(tiny_hf)
+    generator = SamplerGenerator(model, tok, "tiny", sampler_config=EngineConfig(num_slots=2, max_len=64))
+    short, long = [{"role": "user", "content": "2+2?"}], [{"role": "user", "content": "x" * 200}]
+    out = generator.generate([short, long, short], 2, SamplingConfig(temperature=0.0, max_new_tokens=4))
+    assert [c.finish_reason for c in out[1]] == ["error", "error"] and "context of 64" in out[1][0].error
+    assert all(c.finish_reason in ("stop", "length") and c.num_tokens >= 1 for c in out[0] + out[2])
+    assert [c.text for c in out[0]] == [c.text for c in out[2]]

@@ -107,11 +107,38 @@ def test_n_samples_seeds_and_ignore_eos(model, tok):
     a, b = generate(model, tok, [CHAT, "x"], params)
     assert all(s.num_tokens == 24 and s.finish_reason == "length" for s in a.samples + b.samples)
     assert len(set(a.texts)) == 3
-    # One prompt per sampler call (3 rows each), per-prompt seeds: prompt 0 keeps seed 4 and its
-    # samples; prompt 1 gets seed 9 and other samples.
-    again, other = generate(model, tok, [CHAT, "x"], params, seeds=[4, 9], max_batch_rows=3)
+    # Per-prompt seeds: prompt 0 keeps seed 4 and its samples; prompt 1 gets seed 9 and other samples.
+    again, other = generate(model, tok, [CHAT, "x"], params, seeds=[4, 9])
     assert again.samples == a.samples
     assert other.prompt_token_ids == b.prompt_token_ids and other.texts != b.texts
+    # One seed for several prompts: each prompt draws its own stream (the same prompt twice differs),
+    # and a prompt's samples do not depend on the prompts beside it.
+    x1, x2 = generate(model, tok, ["x", "x"], params)
+    assert x1.texts != x2.texts
+    assert generate(model, tok, [CHAT, "x"], params)[1].samples == b.samples
+    assert x1.samples == generate(model, tok, ["x"], params)[0].samples
+
+
+def test_every_eos_id_ends_a_sample_and_round_trips(model, tok, hf_folder, tmp_path):
+    import shutil
+
+    from lt_jax.model.config import ModelConfig
+    from lt_jax.model.hf import hf_to_model_config, load_hf, model_config_to_hf
+
+    cfg = ModelConfig(eos_token_id=[128001, 128008, 128009])
+    assert cfg.eos_token_ids == (128001, 128008, 128009)
+    assert hf_to_model_config(model_config_to_hf(cfg)) == cfg
+    free = generate(model, tok, ["x"], SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True))[0]
+    first, second = free.samples[0].token_ids[2], free.samples[0].token_ids[5]
+    # generation_config.json's list (not config.json's single id) reaches lt_jax.generate via load_hf.
+    folder = tmp_path / "multi_eos"
+    shutil.copytree(hf_folder, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [int(second), int(first)]}))
+    multi = load_hf(str(folder))
+    assert {first, second} <= set(multi.config.eos_token_ids)
+    (res,) = generate(multi, tok, ["x"], SamplingParams(temperature=0.0, max_new_tokens=24))
+    assert res.samples[0].token_ids == free.samples[0].token_ids[:3]
+    assert (res.samples[0].finish_reason, res.samples[0].stop_reason) == ("stop", first)
 
 
 def test_stop_strings_cut_the_text_at_the_first_match(model, tok):

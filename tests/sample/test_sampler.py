@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hf_models import TINY, redrawn_model
+from hf_models import TINY, hf_greedy, saved_models
 
 from lt_jax.model.hf import load_hf
 from lt_jax.model.sharding import MeshConfig, make_mesh
@@ -28,22 +28,10 @@ NEW = 24
 CHUNK = smp.SamplerConfig(chunk_size=8)  # several device calls per generation
 
 
-def build_hf(family: str, seed: int = 0):
-    """A transformers model of `family` with weights redrawn (see hf_models.redrawn_model)."""
-    cls, extra = FAMILIES[family]
-    return redrawn_model(cls, extra, seed)
-
-
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     """{family: (transformers model, saved folder)}."""
-    out = {}
-    for family in FAMILIES:
-        model = build_hf(family)
-        folder = str(tmp_path_factory.mktemp(family))
-        model.save_pretrained(folder)
-        out[family] = (model, folder)
-    return out
+    return saved_models(tmp_path_factory, FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +43,6 @@ def prompts():
 @pytest.fixture(scope="module")
 def qwen(hf_models):
     return load_hf(hf_models["qwen2"][1])
-
-
-def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
-    import torch
-
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                             min_new_tokens=new, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
