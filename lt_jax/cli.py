@@ -12,8 +12,7 @@ import argparse
 import importlib
 import sys
 
-# (command, module, one-line help). Modules keep heavy imports (jax, torch) inside `run` so
-# that `lt-jax --help` stays quick.
+# (command, module, one-line help). Only the module of the command being run is imported.
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "lt_jax.pipeline", "every stage end to end on the embedded default (configs/tiny.yaml)"),
     ("import-hf", "lt_jax.model.hf_cli", "Hugging Face folder -> Orbax checkpoint"),
@@ -32,25 +31,31 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and one sub-parser per command."""
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and the sub-parsers: every command's, or only the one named `only`.
+
+    The command list and its help come from COMMANDS alone; a stage module is imported only for
+    the command that runs, so `lt-jax --help` and one command's `--help` don't pay for the others.
+    """
     parser = argparse.ArgumentParser(prog="lt-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {}
     for name, module, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module, command=name)
-        importlib.import_module(module).add_arguments(p, name)
+        if only is None or name == only:
+            importlib.import_module(module).add_arguments(p, name)
         commands[name] = p
     return parser, commands
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser, commands = build_parser()
-    if not argv or argv[0] not in commands:
-        parser.parse_args(argv)  # prints help or the error naming the unknown command
+    names = {name for name, _, _ in COMMANDS}
+    if not argv or argv[0] not in names:
+        build_parser(only="")[0].parse_args(argv)  # prints help or the error naming the unknown command
         return 2
+    parser, commands = build_parser(only=argv[0])
     # Intermixed: `key=value` overrides may come before or after flags.
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     try:
