@@ -157,6 +157,15 @@ def copy_local_to(local_path: str, dest: str) -> None:
             out.write(src.read())
 
 
+def local_folder(path: str, prefix: str = "lt_jax_") -> str:
+    """`path` itself when local; a gs:// (or other remote) folder copied into a new temporary folder."""
+    if not is_remote(path):
+        return str(path)
+    import tempfile
+
+    return download_dir(path, tempfile.mkdtemp(prefix=prefix))
+
+
 def download_dir(path: str, local_dir: str) -> str:
     """Copies a remote folder's files into `local_dir`; returns `path` itself when local."""
     if not is_remote(path):

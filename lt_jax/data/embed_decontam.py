@@ -16,6 +16,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
+from lt_jax import storage
 from lt_jax.data.dedup import BenchItem
 
 
@@ -41,10 +42,8 @@ class Embedder:
             raise ImportError("embedding decontamination runs the encoder with PyTorch: pip install torch") from None
         from transformers import AutoModel, AutoTokenizer
 
-        from lt_jax.data.perplexity import _local
-
         self.cfg = cfg
-        local = _local(cfg.path)
+        local = storage.local_folder(cfg.path, prefix="lt_jax_embed_")
         self.tokenizer = AutoTokenizer.from_pretrained(local)
         self.model = AutoModel.from_pretrained(local).eval()
 

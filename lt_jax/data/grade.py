@@ -135,16 +135,9 @@ _TOKENIZER: Any = None
 
 
 def _load_tokenizer(path: str | None) -> Any:
-    if path is None:
-        return None
-    import tempfile
+    from lt_jax.data.tokenizers import load_tokenizer  # transformers: only when response lengths are counted in tokens
 
-    from transformers import AutoTokenizer
-
-    from lt_jax import storage
-
-    local = storage.download_dir(path, tempfile.mkdtemp(prefix="lt_jax_tok_")) if storage.is_remote(path) else path
-    return AutoTokenizer.from_pretrained(local)
+    return None if path is None else load_tokenizer(path)
 
 
 def _init_worker(tokenizer_path: str | None, parse_timeout_s: int, verify_timeout_s: int,

@@ -59,8 +59,8 @@ class Scorer:
     def __init__(self, cfg: PerplexityConfig):
         import jax
         from flax import nnx
-        from transformers import AutoTokenizer
 
+        from lt_jax.data.tokenizers import load_tokenizer
         from lt_jax.model import hf
         from lt_jax.model import sharding as shd
 
@@ -69,7 +69,7 @@ class Scorer:
         with jax.set_mesh(self.mesh):
             model = hf.load_hf(cfg.model, mesh=self.mesh, dtype=cfg.dtype)
         self.graphdef, self.state = nnx.split(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(_local(cfg.tokenizer or cfg.model))
+        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.batch_sharding = shd.logical_to_sharding(("act_batch", None), self.mesh)
         self.rows_multiple = math.prod(self.batch_sharding.mesh.shape[a] for a in _batch_axes(self.batch_sharding))
         self._step = jax.jit(_token_nll, static_argnums=0)
@@ -126,14 +126,6 @@ def _batch_axes(sharding) -> tuple[str, ...]:
     if first is None:
         return ()
     return (first,) if isinstance(first, str) else tuple(first)
-
-
-def _local(path: str) -> str:
-    import tempfile
-
-    from lt_jax import storage
-
-    return storage.download_dir(path, tempfile.mkdtemp(prefix="lt_jax_tok_")) if storage.is_remote(path) else path
 
 
 def _records(cfg: PerplexityConfig, path: str, skip: int, drops: jsonl.DropLog) -> Iterator[formats.Record]:

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import sys
-import tempfile
 from typing import Any, Optional, Sequence, Union
 
 log = logging.getLogger(__name__)
@@ -258,12 +257,9 @@ def generation_config_eos(folder: str) -> tuple[int, ...]:
 
 def load_tokenizer(path: str):
     """A transformers tokenizer from a folder (local or gs://; remote folders are copied locally)."""
-    from transformers import AutoTokenizer
+    from lt_jax.data.tokenizers import load_tokenizer as load
 
-    from lt_jax import storage
-
-    local = storage.download_dir(path, tempfile.mkdtemp(prefix="lt_jax_tok_")) if storage.is_remote(path) else path
-    return AutoTokenizer.from_pretrained(local)
+    return load(path)
 
 
 # ---------------------------------------------------------------------------------------------
