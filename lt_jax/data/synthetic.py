@@ -6,8 +6,10 @@ enough that per-problem pass rates and CVs vary the way a real teacher's do. Her
 
 - a problem is "Compute A + B." or "Compute A * B."; its level is the number of digits of A
   (B has the same number of digits for "+", and ceil(level / 2) digits for "*");
-- the thinking writes every elementary step: one column of an addition ("c2: 4+5+1=10, d0 c1"),
-  one digit of a partial product ("4*8+5=37, d7 c3"), then the column-wise sum of partial products;
+- the thinking writes every elementary step: one column of an addition per line, each line laid out
+  alike (what is left of the operands, zero-padded; the column sum; the result so far:
+  "_0045+_0095: 5+5+1=11 ___12"), one digit of a partial product ("4*8+5=37"), then the
+  column-wise sum of partial products;
 - with probability `wrong_rate[level]` exactly one elementary step is off by one; every later step
   is computed correctly from the wrong value, so the error propagates to a wrong boxed answer (a
   step off by d at place k moves the result by d * 10**k, so it is always wrong).
@@ -159,18 +161,22 @@ def _number(digits_low_first: list[int], carry: int) -> int:
     return int(str(carry) + "".join(str(d) for d in reversed(digits_low_first)))
 
 
-def _add_trace(x: int, y: int, steps: _Steps, lines: list[str]) -> int:
-    xs, ys = _digits(x), _digits(y)
-    carry, out = 0, []
-    for i in range(max(len(xs), len(ys))):
-        dx, dy = (xs[i] if i < len(xs) else 0), (ys[i] if i < len(ys) else 0)
-        s = steps.value(dx + dy + carry)
-        lines.append(f"c{i + 1}: {dx}+{dy}+{carry}={s}, d{s % 10} c{s // 10}")
-        out.append(s % 10)
+def _add_trace(x: int, y: int, steps: _Steps, lines: list[str], width: int | None = None) -> int:
+    # Every line has the same layout and the same length: what is left of both operands, zero-padded
+    # to `width` and shifted right one column per line ("_" fills from the left), the column's sum
+    # (two digits), and the result so far in a field of `width`. So each value a step needs stands at
+    # a fixed distance, in the line above or earlier in its own line: the lookups a small model learns
+    # in minutes, where fetching the k-th digit of an operand from the prompt takes it far longer.
+    width = max(width or 0, len(str(max(x, y))) + 1)
+    xs, ys = str(x).zfill(width), str(y).zfill(width)
+    carry, acc = 0, ""
+    for i in range(width):
+        rx, ry = xs[: width - i].rjust(width, "_"), ys[: width - i].rjust(width, "_")
+        s = steps.value(int(rx[-1]) + int(ry[-1]) + carry)
+        acc = str(s % 10) + acc
+        lines.append(f"{rx}+{ry}: {rx[-1]}+{ry[-1]}+{carry}={s:02d} {acc.rjust(width, '_')}")
         carry = s // 10
-    if carry:
-        lines.append(f"carry {carry} leads")
-    value = _number(out, carry)
+    value = int(str(carry) + acc)  # a carry out of the last (zero) column only comes from a faulty step
     lines.append(f"{x}+{y}={value}")
     return value
 
@@ -200,16 +206,21 @@ def _mul_trace(a: int, b: int, steps: _Steps, lines: list[str]) -> int:
     return total
 
 
-def _count_steps(a: int, op: str, b: int) -> int:
+def _count_steps(a: int, op: str, b: int, width: int | None = None) -> int:
     counter = _Steps(None)
-    (_add_trace if op == "add" else _mul_trace)(a, b, counter, [])
+    _add_trace(a, b, counter, [], width) if op == "add" else _mul_trace(a, b, counter, [])
     return counter.index
 
 
-def solve(a: int, op: str, b: int, fault: tuple[int, int] | None = None) -> tuple[list[str], int]:
-    """The trace lines and the result, with `fault` = (step, delta) injected (None: correct)."""
+def solve(a: int, op: str, b: int, fault: tuple[int, int] | None = None, width: int | None = None) -> tuple[list[str], int]:
+    """The trace lines and the result, with `fault` = (step, delta) injected (None: correct).
+
+    `width` pads an addition's columns (at least its operands' digits + 1); one width for every
+    problem of a task keeps every trace line the same length.
+    """
     lines = [f"{a}{OPS[op]}{b}, digit by digit from the right."]
-    result = (_add_trace if op == "add" else _mul_trace)(a, b, _Steps(fault), lines)
+    steps = _Steps(fault)
+    result = _add_trace(a, b, steps, lines, width) if op == "add" else _mul_trace(a, b, steps, lines)
     return lines, result
 
 
@@ -220,11 +231,12 @@ def teacher_response(problem_text: str, rng: random.Random, cfg: SyntheticConfig
     """
     a, op, b = parse_problem(problem_text)
     level = len(str(a))
+    width = max(cfg.levels) + 1
     fault = None
     if rng.random() < cfg.rate_for(level):
-        fault = (rng.randrange(_count_steps(a, op, b)), rng.choice((-1, 1)))
-    lines, result = solve(a, op, b, fault)
-    return "\n".join(lines), f"{a} {OPS[op]} {b} = {result}. The answer is \\boxed{{{result}}}"
+        fault = (rng.randrange(_count_steps(a, op, b, width)), rng.choice((-1, 1)))
+    lines, result = solve(a, op, b, fault, width)
+    return "\n".join(lines), f"The answer is \\boxed{{{result}}}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,14 @@ def build_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) 
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # One token per digit, as Qwen2.5's own pre-tokenizer does: a merged "959" would hide the digits
+    # that a digit-by-digit trace works with. Underscores (the traces' column padding) stay single
+    # too, so every trace line of a task has the same number of tokens.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split("_", behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -144,7 +144,9 @@ def load_benchmark(
     if kind not in KINDS:
         raise BenchmarkError(f"{path}: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
     field_map = {"id": "id", "problem": "problem", "answer": "answer"} | parse_field_map(fields)
-    items = rows_to_items(read_rows(path), field_map, path, kind, KIND_FIELDS.get(kind, ()),
+    # Kinds that need fields of their own name them; otherwise a user's file keeps its other plain
+    # fields (level, subject, ...) as meta, for the per-group breakdown.
+    items = rows_to_items(read_rows(path), field_map, path, kind, KIND_FIELDS.get(kind),
                           id_optional="id" not in parse_field_map(fields))
     if kind == "code":
         missing = next((it.id for it in items if not it.meta.get("tests")), None)
@@ -203,10 +205,13 @@ def rows_to_items(
     fields: dict[str, str],
     path: str,
     kind: str,
-    meta_fields: tuple[str, ...] = (),
+    meta_fields: tuple[str, ...] | None = (),
     id_optional: bool = True,
 ) -> tuple[Item, ...]:
-    """Validates records and maps them to Items; errors name file, line (or record) and field."""
+    """Validates records and maps them to Items; errors name file, line (or record) and field.
+
+    `meta_fields` None keeps every field that is not mapped and holds a plain value as meta.
+    """
     items: list[Item] = []
     seen: dict[str, int] = {}
     for index, (lineno, row) in enumerate(rows):
@@ -224,7 +229,11 @@ def rows_to_items(
         if item_id in seen:
             raise BenchmarkError(f"{where}: field {id_key!r}: duplicate id {item_id!r} (also at line {seen[item_id]})")
         seen[item_id] = lineno
-        meta = {k: row[k] for k in meta_fields if k in row}
+        if meta_fields is None:
+            mapped = set(fields.values())
+            meta = {k: v for k, v in row.items() if k not in mapped and isinstance(v, (str, int, float, bool))}
+        else:
+            meta = {k: row[k] for k in meta_fields if k in row}
         items.append(Item(item_id, problem, None if answer is None else str(answer), meta))
     if not items:
         raise BenchmarkError(f"{path}: no records")

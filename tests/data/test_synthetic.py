@@ -123,3 +123,19 @@ def test_write_responses_contract(tmp_path, jl, reasoning):
     assert len(rows[-1]["response"]) < 1200  # short enough for the tiny demo model's context
     assert synthetic.write_responses(cfg, str(tmp_path / "r2.jsonl")) == 36
     assert open(tmp_path / "r.jsonl", "rb").read() == open(tmp_path / "r2.jsonl", "rb").read()  # deterministic
+
+
+def test_addition_lines_share_one_layout_across_levels():
+    """Every column line of an addition task has one layout, whatever the level, and the operands
+    each line restates are the previous line's shifted right by one column."""
+    cfg = SyntheticConfig(levels=(2, 4), wrong_rate=(0.0, 0.0), ops=("add",))
+    short, _ = synthetic.teacher_response("Compute 59 + 63.", random.Random(0), cfg)
+    long, _ = synthetic.teacher_response("Compute 9016 + 2786.", random.Random(0), cfg)
+    pattern = re.compile(r"^([_\d]{5})\+([_\d]{5}): (\d)\+(\d)\+(\d)=(\d\d) ([_\d]{5})$")
+    for thinking in (short, long):
+        cols = [pattern.match(line) for line in thinking.splitlines()[1:-1]]
+        assert len(cols) == 5 and all(cols), thinking
+        for prev, cur in zip(cols, cols[1:]):
+            assert cur.group(1) == "_" + prev.group(1)[:-1] and cur.group(2) == "_" + prev.group(2)[:-1]
+            assert cur.group(3) == cur.group(1)[-1] and cur.group(5) == prev.group(6)[0]  # digit and carry in
+    assert short.splitlines()[1] == "00059+00063: 9+3+0=12 ____2" and short.splitlines()[-1] == "59+63=122"
