@@ -242,7 +242,7 @@ def load_model(checkpoint: Optional[str] = None, hf: Optional[str] = None, *, st
         from lt_jax.model.hf import load_hf
 
         return load_hf(hf, mesh=mesh, dtype=dtype)
-    from lt_jax.train.checkpoint import load_model_checkpoint
+    from lt_jax.model.checkpoint_io import load_model_checkpoint
 
     overrides = {"param_dtype": dtype, "compute_dtype": dtype} if dtype else {}
     return load_model_checkpoint(checkpoint, step=step, mesh=mesh, **overrides)
@@ -313,7 +313,7 @@ class LoadedModel:
 
 def load_from_args(args) -> LoadedModel:
     """The model, tokenizer and sampling setup the shared model flags describe."""
-    from lt_jax.model.hf_cli import parse_mesh
+    from lt_jax.model.sharding import parse_mesh
     from lt_jax.model.sharding import make_mesh
     from lt_jax.sample.engine import EngineConfig
 
