@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import time
 from typing import Iterator, NamedTuple, Optional, Sequence
@@ -43,6 +42,7 @@ from flax import nnx
 
 from lt_jax.model import sharding as shd
 from lt_jax.model import transformer as tfm
+from lt_jax.sampling import derive_seed
 from lt_jax.sample.detokenize import Decode, TextStream
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,8 @@ class RowUpdate(NamedTuple):
 
 
 def row_seed(seed: Optional[int], index: int) -> int:
-    """32-bit seed of sample `index` of a request seeded `seed` (stable across processes)."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
+    """Seed of sample `index` of a request seeded `seed` (`lt_jax.sampling.derive_seed`)."""
+    return derive_seed(seed, index)
 
 
 def bucket(n: int, minimum: int = 1, per_octave: int = 8, align: int = 1) -> int:
