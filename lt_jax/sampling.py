@@ -33,6 +33,9 @@ _RULES: dict[str, tuple[str, float, float, str]] = {
     "min_tokens": ("int", 0, INT32_MAX, ">= 0"),
     "logprobs": ("int", 0, INT32_MAX, ">= 0 (alternatives per token)"),
     "seed": ("int", SEED_MIN, SEED_MAX, "a 64-bit integer"),
+    "presence_penalty": ("float", -2.0, 2.0, "in [-2, 2] (0 = off)"),
+    "frequency_penalty": ("float", -2.0, 2.0, "in [-2, 2] (0 = off)"),
+    "repetition_penalty": ("float", 0.0, math.inf, "> 0 (1 = off)"),
 }
 
 
@@ -61,7 +64,7 @@ def check_field(name: str, value: Any, owner: str = "SamplingParams", label: Opt
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise SamplingError(name, f"{where} must be a finite number {meaning}, got {value!r}")
-    if not low <= value <= high or (name == "top_p" and value == 0):
+    if not low <= value <= high or (name in ("top_p", "repetition_penalty") and value == 0):
         raise SamplingError(name, f"{where} must be {meaning}, got {value}")
 
 
@@ -92,6 +95,19 @@ class SamplingParams:
     logprobs: Optional[int] = None  # per token: the chosen token's logprob and this many alternatives
     min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (after temperature)
     min_tokens: int = 0  # EOS / stop token ids cannot end a sample before this many tokens
+    # Penalties, applied to the logits before temperature (vLLM's order: repetition, then frequency
+    # and presence). With c[t] the times token t was generated so far in this sample:
+    #   repetition (HF/vLLM): a token seen in the prompt or the output has its logit divided by r
+    #     when positive, multiplied by r when not;
+    #   frequency/presence (OpenAI): logit[t] -= frequency * c[t] + presence * (c[t] > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
     def __post_init__(self):
         owner = type(self).__name__

@@ -33,6 +33,11 @@ from lt_jax.sampling import INT32_MAX, SamplingParams, derive_seed
     ("stop_token_ids", (5, -1), "token ids"),
     ("stop_token_ids", (2**31,), "token ids"),
     ("stop", ("",), "non-empty"),
+    ("presence_penalty", 2.5, "[-2, 2]"),
+    ("frequency_penalty", -2.5, "[-2, 2]"),
+    ("frequency_penalty", math.nan, "finite"),
+    ("repetition_penalty", 0.0, "> 0"),
+    ("repetition_penalty", math.inf, "finite"),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value, words):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field} .*{__import__('re').escape(words)}"):
@@ -106,9 +111,10 @@ def test_eval_sends_the_fields_the_openai_api_lacks_as_body_extensions():
     from lt_jax.eval.generators import SamplingConfig, endpoint_extras
 
     assert endpoint_extras(SamplingConfig()) == {}
-    cfg = SamplingConfig(top_k=20, min_p=0.05, min_tokens=3, stop_token_ids=(7,), skip_special_tokens=False)
+    cfg = SamplingConfig(top_k=20, min_p=0.05, min_tokens=3, stop_token_ids=(7,), skip_special_tokens=False,
+                         repetition_penalty=1.1, presence_penalty=0.5)
     assert endpoint_extras(cfg) == {"top_k": 20, "min_p": 0.05, "min_tokens": 3, "stop_token_ids": [7],
-                                    "skip_special_tokens": False}
+                                    "skip_special_tokens": False, "repetition_penalty": 1.1}
     with pytest.raises(ValueError, match="SamplingConfig.n must be 1"):
         SamplingConfig(n=4)
     with pytest.raises(ValueError, match="SamplingConfig.logprobs"):

@@ -70,6 +70,8 @@ def endpoint_extras(params: SamplingParams) -> dict[str, Any]:
     """The set fields the OpenAI API lacks, as the vLLM / SGLang / lt-jax serve body extensions."""
     extra = {name: getattr(params, name) for name in ("top_k", "min_p", "min_tokens", "ignore_eos")
              if getattr(params, name)}
+    if params.repetition_penalty != 1:
+        extra["repetition_penalty"] = params.repetition_penalty
     if params.stop_token_ids:
         extra["stop_token_ids"] = list(params.stop_token_ids)
     if not params.skip_special_tokens:
@@ -134,6 +136,9 @@ class OpenAIChat:
             kwargs["seed"] = seed
         if params.stop:
             kwargs["stop"] = list(params.stop)
+        for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's own parameters
+            if getattr(params, name):
+                kwargs[name] = getattr(params, name)
         extra = endpoint_extras(params)
         if extra:
             kwargs["extra_body"] = extra

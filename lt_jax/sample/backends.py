@@ -53,6 +53,9 @@ class GenRequest:
     logprobs: int | None = None  # top alternatives per token (None: no logprobs)
     min_p: float = 0.0
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):
@@ -66,7 +69,9 @@ class GenRequest:
         return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_new_tokens=budget, seed=self.seed, stop=tuple(self.stop),
                               stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos,
-                              logprobs=self.logprobs, min_p=self.min_p, min_tokens=self.min_tokens)
+                              logprobs=self.logprobs, min_p=self.min_p, min_tokens=self.min_tokens,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +212,7 @@ class SyntheticBackend:
     def validate(self, request: GenRequest) -> None:
         """Token-level parameters mean nothing to a rule-based teacher: refused, not ignored."""
         if (request.stop_token_ids or request.ignore_eos or request.logprobs is not None or request.min_p
-                or request.min_tokens):
+                or request.min_tokens or request.params().penalized):
             raise ValueError("stop_token_ids, ignore_eos, logprobs, min_p and min_tokens are not supported by the "
                              "synthetic teacher")
 

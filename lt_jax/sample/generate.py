@@ -106,7 +106,9 @@ def row_specs(params: SamplingParams, base_seed: int, stop_ids: Sequence[int]) -
     return [smp.RowSpec(prompt=0, seed=smp.row_seed(base_seed, j), temperature=params.temperature,
                         top_p=params.top_p, top_k=params.top_k, max_new_tokens=params.max_new_tokens,
                         stop_token_ids=tuple(stop_ids), stop=params.stop, logprobs=params.logprobs,
-                        min_p=params.min_p, min_tokens=params.min_tokens)
+                        min_p=params.min_p, min_tokens=params.min_tokens,
+                        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                        repetition_penalty=params.repetition_penalty)
             for j in range(params.n)]
 
 

@@ -25,9 +25,6 @@ _UNSUPPORTED = {
     "best_of": lambda v: v not in (None, 1), "suffix": lambda v: v is not None,
     "logit_bias": lambda v: bool(v), "audio": lambda v: v is not None,
     "response_format": lambda v: isinstance(v, dict) and v.get("type") not in (None, "text"),
-    # Sampling extensions the engine does not implement yet (vLLM names): refused rather than ignored.
-    "frequency_penalty": lambda v: v not in (None, 0), "presence_penalty": lambda v: v not in (None, 0),
-    "repetition_penalty": lambda v: v not in (None, 1),
 }
 _INT_MAX = 2**31 - 1  # device-side integers are int32
 
@@ -114,6 +111,9 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
         ignore_eos=_boolean(body, "ignore_eos"),
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         min_tokens=_integer(body, "min_tokens", 0, _INT_MAX) or 0,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True),
     )
 
 
