@@ -13,6 +13,7 @@ cache); the n samples of a prompt share its prefill.
 
     lt-jax sample --hf DIR | --checkpoint DIR [--step S] [--tokenizer DIR] --prompt TEXT [--prompt ...]
                   [--n 4 --temperature 0.6 --top-p 0.95 --top-k 0 --seed 0 --max-new-tokens 1024]
+                  [--presence-penalty 0 --frequency-penalty 0 --repetition-penalty 1]
                   [--stop STR ...] [--raw] [--system TEXT] [--mesh data=1,fsdp=-1,tensor=1] [--out FILE]
                   [--slots 16 --page-size 16 --num-pages N --max-len N --chunk-size 16]
 """
@@ -264,6 +265,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--logprobs", type=int, help="with --out: per token logprob and this many alternatives")
+    for name, default in (("presence", 0.0), ("frequency", 0.0), ("repetition", 1.0)):
+        parser.add_argument(f"--{name}-penalty", type=float, default=default, help="see lt_jax.sampling")
     parser.add_argument("--out", help="write results as JSONL here (local or gs://) instead of printing texts")
 
 
@@ -323,9 +326,13 @@ def read_prompts(args) -> list[Prompt]:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = read_prompts(args)
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
-                            logprobs=args.logprobs)
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+                                logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+                                frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
+    except ValueError as e:
+        raise SystemExit(f"lt-jax sample: {e}") from None
     lm = load_from_args(args)
     results = generate(lm.model, lm.tokenizer, prompts, params, eos_ids=lm.eos_ids, mesh=lm.mesh, config=lm.config)
     if args.out:

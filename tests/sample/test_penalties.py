@@ -117,3 +117,21 @@ def test_sampled_penalised_rows_are_reproducible_and_the_lockstep_sampler_refuse
 
     with pytest.raises(ValueError, match="penalties need the engine"):
         smp.Sampler(model).run([[1, 2, 3]], [smp.RowSpec(0, repetition_penalty=1.2, max_new_tokens=2)])
+
+
+def test_sample_cli_takes_the_penalties(setup, hf_folder, tmp_path):  # noqa: F811
+    import json
+
+    from lt_jax.cli import main
+
+    model, tok, _ = setup
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, repetition_penalty=1.5, frequency_penalty=0.5)
+    (want,) = lt_jax.generate(model, tok, [PROMPTS[0]], params)
+    out = str(tmp_path / "out.jsonl")
+    args = ["sample", "--hf", hf_folder, "--raw", "--prompt", PROMPTS[0], "--temperature", "0",
+            "--max-new-tokens", "8"]
+    assert main([*args, "--repetition-penalty", "1.5", "--frequency-penalty", "0.5", "--out", out]) == 0
+    (line,) = [json.loads(x) for x in open(out).read().splitlines()]
+    assert [s["text"] for s in line["samples"]] == want.texts
+    with pytest.raises(SystemExit, match=r"SamplingParams\.presence_penalty"):
+        main([*args, "--presence-penalty", "3"])
