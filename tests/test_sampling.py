@@ -81,7 +81,7 @@ def test_distill_checks_its_set_fields_with_the_shared_rules():
     base = dict(input="in.jsonl", output="out.jsonl", base_url="http://x", model="m")
     DistillConfig(**base)  # unset fields are left to the teacher
     for field, value, words in [("temperature", float("nan"), "finite"), ("max_tokens", 2**31, "int32"),
-                                ("top_p", 0.0, "(0, 1]"), ("top_k", -2, ">= 0")]:
+                                ("top_p", 0.0, "(0, 1]"), ("top_k", -2, ">= 0"), ("n", 2**31, "int32")]:
         with pytest.raises(config.ConfigError, match=rf"DistillConfig\.{field} "):
             config.from_dict(DistillConfig, dict(base, **{field: value}))
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -97,7 +97,7 @@ class DistillConfig:
         for name in ("n", "concurrency", "timeout_s", "backoff_initial_s", "backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name, rule in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+        for name, rule in (("n", "n"), ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
                            ("max_tokens", "max_new_tokens"), ("seed", "seed")):
             sampling.check_field(rule, getattr(self, name), "DistillConfig", name)
         clash = set(self.keep_fields) & set(RECORD_FIELDS)
