@@ -113,7 +113,7 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
         min_tokens=_integer(body, "min_tokens", 0, _INT_MAX) or 0,
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf, lo_open=True),
     )
 
 

@@ -87,6 +87,12 @@ def test_engine_greedy_with_penalties_equals_the_reference(setup):
     results = engine.run(prompts, specs)
     got = [r[0].tokens for r in results]
     assert got == wants
+    # Page pressure: preempted samples are recomputed and their counts rebuilt from their tokens.
+    need = max(-(-(len(p) + NEW) // 4) for p in prompts)
+    tight = Engine(model, EngineConfig(num_slots=2, page_size=4, decode_steps=4, prefill_chunk=16,
+                                       num_pages=need + 3), decode=gen.make_decoder(tok, True))
+    assert [r[0].tokens for r in tight.run(prompts, specs)] == wants
+    assert tight.stats["preempted"] > 0
     # the penalties change the output (else the comparison above proves nothing about them)
     plain = reference_greedy(hf, prompts[0], SamplingParams(temperature=0.0, max_new_tokens=NEW))
     assert plain != wants[0] and len(set(wants[1])) > len(set(plain))
