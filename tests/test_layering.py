@@ -4,6 +4,7 @@ Imports are read with `ast` (top-level and inside functions alike: a deferred im
 dependency). Layers, lowest first; a module may import its own layer and the ones below:
 
     0  lt_jax.storage, lt_jax.config        files and config parsing shared by everything
+       lt_jax.sampling                      the sampling-parameters type of generate/serve/eval/distill
     1  lt_jax.model                         the decoder, its families, HF and checkpoint I/O
     2  lt_jax.data                          distill/grade/select/tokenize, the loader
     3  lt_jax.train                         the training stage
@@ -25,7 +26,7 @@ from collections import defaultdict
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lt_jax")
 
 LAYERS = (
-    ("lt_jax.storage", "lt_jax.config"),
+    ("lt_jax.storage", "lt_jax.config", "lt_jax.sampling"),
     ("lt_jax.model",),
     ("lt_jax.data",),
     ("lt_jax.train",),

@@ -31,7 +31,6 @@ import asyncio
 import collections
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ import sys
 import time
 from typing import Any, Iterator, Literal
 
-from lt_jax import config, storage
+from lt_jax import config, sampling, storage
 from lt_jax.data import jsonl
 
 log = logging.getLogger(__name__)
@@ -98,6 +97,9 @@ class DistillConfig:
         for name in ("n", "concurrency", "timeout_s", "backoff_initial_s", "backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name, rule in (("n", "n"), ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                           ("max_tokens", "max_new_tokens"), ("seed", "seed")):
+            sampling.check_field(rule, getattr(self, name), "DistillConfig", name)
         clash = set(self.keep_fields) & set(RECORD_FIELDS)
         if clash:
             raise ValueError(f"keep_fields {sorted(clash)} would overwrite record fields; rename them")
@@ -152,8 +154,7 @@ def read_problems(path: str, id_field: str = "id", problem_field: str = "problem
 
 def sample_seed(base: int, problem_id: str, sample_index: int) -> int:
     """A per-sample seed (31 bits: every server accepts it), stable across runs and processes."""
-    digest = hashlib.blake2b(f"{base}/{problem_id}/{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+    return sampling.derive_seed(base, problem_id, sample_index)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import os
 from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+
+from lt_jax.sampling import SamplingParams, derive_seed
 
 Message = dict[str, str]
 T = TypeVar("T")
@@ -30,25 +31,24 @@ class Completion:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """Decoding parameters; the defaults are the long-CoT papers' protocol."""
+class SamplingConfig(SamplingParams):
+    """The shared `lt_jax.sampling.SamplingParams` with the long-CoT papers' protocol as defaults
+    (the `sampling:` section of an eval config). The number of samples is the eval's
+    `num_samples`, so `n` stays 1 here."""
 
     temperature: float = 0.6
     top_p: float = 0.95
-    top_k: int = 0  # 0 = off
     max_new_tokens: int = 32768
     seed: int = 0
-    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        super().__post_init__()
+        if self.n != 1:
+            raise ValueError(f"SamplingConfig.n must be 1 (set num_samples instead), got {self.n}")
+        if self.seed is None:
+            raise ValueError("SamplingConfig.seed must be set (eval samples are seeded per problem)")
+        if self.logprobs is not None:
+            raise ValueError("SamplingConfig.logprobs must be unset: eval records no logprobs")
 
 
 class Generator(Protocol):
@@ -63,8 +63,20 @@ class Generator(Protocol):
 
 def seed_for(base: int, key: str) -> int:
     """A stable 31-bit seed for (base seed, item id), independent of batch composition."""
-    digest = hashlib.sha256(f"{base}:{key}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    return derive_seed(base, key)
+
+
+def endpoint_extras(params: SamplingParams) -> dict[str, Any]:
+    """The set fields the OpenAI API lacks, as the vLLM / SGLang / lt-jax serve body extensions."""
+    extra = {name: getattr(params, name) for name in ("top_k", "min_p", "min_tokens", "ignore_eos")
+             if getattr(params, name)}
+    if params.repetition_penalty != 1:
+        extra["repetition_penalty"] = params.repetition_penalty
+    if params.stop_token_ids:
+        extra["stop_token_ids"] = list(params.stop_token_ids)
+    if not params.skip_special_tokens:
+        extra["skip_special_tokens"] = False
+    return extra
 
 
 def whitespace_tokens(text: str) -> int:
@@ -124,8 +136,12 @@ class OpenAIChat:
             kwargs["seed"] = seed
         if params.stop:
             kwargs["stop"] = list(params.stop)
-        if params.top_k:
-            kwargs["extra_body"] = {"top_k": params.top_k}  # vLLM / SGLang extension
+        for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's own parameters
+            if getattr(params, name):
+                kwargs[name] = getattr(params, name)
+        extra = endpoint_extras(params)
+        if extra:
+            kwargs["extra_body"] = extra
         try:
             resp = self.client.chat.completions.create(**kwargs)
         except (self._openai.BadRequestError, self._openai.UnprocessableEntityError) as e:
@@ -219,8 +235,8 @@ class SamplerGenerator:
         """(prompt index, its n completions) as each prompt's last sample finishes."""
         from lt_jax.sample import generate as gen
 
-        sp = gen.SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                max_new_tokens=params.max_new_tokens, seed=params.seed, stop=tuple(params.stop))
+        sp = SamplingParams(**{f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams)
+                               if f.name != "n"}, n=n)
         engine = self.engine()
         eos = tuple(self.eos_ids) if self.eos_ids is not None else gen.eos_token_ids(self.model, self.tokenizer)
         waiting: dict[int, int] = {}

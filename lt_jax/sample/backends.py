@@ -24,18 +24,20 @@ latter itself. Token counts are the backend's own tokenizer's counts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 import random
 import re
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+from lt_jax.sampling import SamplingParams, derive_seed
 
 FINISH_REASONS = ("stop", "length")
 
 
 @dataclasses.dataclass(frozen=True)
 class GenRequest:
-    """One request's prompt and sampling parameters; `n` choices are wanted for it."""
+    """One request's prompt and sampling parameters under their OpenAI names; `n` choices are
+    wanted. The fields map onto `lt_jax.sampling.SamplingParams` (`params`), which validates them;
+    `max_tokens` None leaves the budget to the backend (up to its context)."""
 
     prompt: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
@@ -51,14 +53,25 @@ class GenRequest:
     logprobs: int | None = None  # top alternatives per token (None: no logprobs)
     min_p: float = 0.0
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("GenRequest needs exactly one of prompt or messages")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.params()  # validates every sampling field (the error names it)
+
+    def params(self, max_new_tokens: int | None = None) -> SamplingParams:
+        """These parameters as the shared type; the budget is `max_tokens`, else `max_new_tokens`
+        (the backend's cap), else 1 (validation only)."""
+        budget = self.max_tokens if self.max_tokens is not None else (max_new_tokens or 1)
+        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=budget, seed=self.seed, stop=tuple(self.stop),
+                              stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos,
+                              logprobs=self.logprobs, min_p=self.min_p, min_tokens=self.min_tokens,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +118,7 @@ def choice_seed(seed: int | None, choice: int) -> int:
     Choices of one request must differ, and the same (seed, choice) must give the same text
     in any process, so this hashes rather than using Python's salted `hash`.
     """
-    if seed is None:
-        return int.from_bytes(os.urandom(8), "little")
-    digest = hashlib.blake2b(f"{seed}:{choice}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return derive_seed(seed, choice)
 
 
 def events_from_results(results: Sequence[GenResult], chunked: Sequence[bool] | None = None
@@ -202,7 +212,7 @@ class SyntheticBackend:
     def validate(self, request: GenRequest) -> None:
         """Token-level parameters mean nothing to a rule-based teacher: refused, not ignored."""
         if (request.stop_token_ids or request.ignore_eos or request.logprobs is not None or request.min_p
-                or request.min_tokens):
+                or request.min_tokens or request.params().penalized):
             raise ValueError("stop_token_ids, ignore_eos, logprobs, min_p and min_tokens are not supported by the "
                              "synthetic teacher")
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lt_jax.sample import paged
+from lt_jax.sample import paged, penalties
 from lt_jax.sample import sampler as smp
 from lt_jax.sample.detokenize import Decode, TextStream
 
@@ -335,7 +335,8 @@ class Engine:
         params = smp._row_params(specs, rows)
         counts = np.zeros(rows, np.int32)
         counts[:k] = [len(seq.result.tokens) for seq, _ in placed]
-        drawn = _draw(logits, params, counts, smp.row_limits(specs, rows), mode=smp.sampling_mode(specs),
+        pen = penalties.build([seq for seq, _ in placed], rows, logits.shape[-1])
+        drawn = _draw(logits, params, counts, smp.row_limits(specs, rows), pen, mode=smp.sampling_mode(specs),
                       top_n=self._top_n(specs), constrained=_constrained(specs))
         first, lp, top_ids, top_lp = (np.asarray(x)[:, None] for x in drawn)
         updates = []
@@ -447,9 +448,10 @@ class Engine:
                 token[i], position[i], count[i], done[i] = s.result.tokens[-1], s.length, len(s.result.tokens), False
         params, limits = _slot_params(specs, n), smp.row_limits(specs, n)
         specs = [s.spec for s in running]
+        pen = penalties.build(self.slots, n, self.model_config.vocab_size)
         self.cache, out = _decode(self.graphdef, self.params, self.cache, token, position, count, done, table,
-                                  params, limits, steps=steps, mode=smp.sampling_mode(specs), attn_impl=cfg.attn_impl,
-                                  top_n=self._top_n(specs), constrained=_constrained(specs))
+                                  params, limits, pen, steps=steps, mode=smp.sampling_mode(specs),
+                                  attn_impl=cfg.attn_impl, top_n=self._top_n(specs), constrained=_constrained(specs))
         out, lp, top_ids, top_lp = (smp._to_host(x) for x in out)
         self.stats["decode_calls"] += 1
         updates = []
@@ -511,12 +513,13 @@ def _slot_params(specs: Sequence[Optional[smp.RowSpec]], n: int) -> smp.RowParam
 # Device functions
 
 
-def _sample(logits, rows: smp.RowParams, count, limits: smp.Limits, mode: str, top_n: int, constrained: bool):
-    """(tokens, logprobs...): the draw under min_tokens / min_p (only traced when some row sets
-    them: `constrained`); logprobs of the unconstrained distribution after temperature."""
-    allowed = logits
+def _sample(logits, rows: smp.RowParams, count, limits: smp.Limits, mode: str, top_n: int, constrained: bool,
+            pen=None):
+    """(tokens, logprobs...): the draw under the penalties (`pen`; None: off) and min_tokens / min_p (traced
+    when a row sets them: `constrained`); logprobs of the raw distribution after temperature."""
+    allowed = logits if pen is None else penalties.apply(logits, pen)
     if constrained:
-        allowed = smp.constrain_logits(logits, count, rows.temperature, rows.stop_ids, limits.min_tokens,
+        allowed = smp.constrain_logits(allowed, count, rows.temperature, rows.stop_ids, limits.min_tokens,
                                        limits.min_p)
     tok = smp.sample_from_logits(allowed, smp.step_keys(rows.seed, count), rows.temperature, rows.top_p, rows.top_k,
                                  mode=mode)
@@ -524,8 +527,8 @@ def _sample(logits, rows: smp.RowParams, count, limits: smp.Limits, mode: str, t
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "top_n", "constrained"))
-def _draw(logits, rows: smp.RowParams, counts, limits: smp.Limits, *, mode: str, top_n: int, constrained: bool):
-    return _sample(logits, rows, counts, limits, mode, top_n, constrained)
+def _draw(logits, rows: smp.RowParams, counts, limits: smp.Limits, pen=None, *, mode, top_n, constrained):
+    return _sample(logits, rows, counts, limits, mode, top_n, constrained, pen)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"), donate_argnames=("cache",))
@@ -540,7 +543,7 @@ def _prefill(graphdef, params, cache, tokens, positions, valid, table, last, *, 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "attn_impl", "top_n", "constrained"),
                    donate_argnames=("cache",))
 def _decode(graphdef, params, cache, token, position, count, done, table, rows: smp.RowParams,
-            limits: smp.Limits, *, steps: int, mode: str, attn_impl: str, top_n: int = 0,
+            limits: smp.Limits, pen=None, *, steps: int, mode: str, attn_impl: str, top_n: int = 0,
             constrained: bool = False):
     """Up to `steps` decode steps of every slot -> (pages, (tokens [slots, steps]; -1 once a slot is
     done, their logprobs [slots, steps], top-N ids and logprobs [slots, steps, top_n]))."""
@@ -550,25 +553,26 @@ def _decode(graphdef, params, cache, token, position, count, done, table, rows: 
     last = jnp.zeros(token.shape, jnp.int32)
 
     def cond(carry):
-        i, _, _, _, _, done, _ = carry
+        i, _, _, _, _, done, _, _ = carry
         return (i < steps) & ~jnp.all(done)
 
     def body(carry):
-        i, cache, token, position, count, done, out = carry
+        i, cache, token, position, count, done, out, pen = carry
         model = nnx.merge(graphdef, params)
         logits, cache = paged.forward(model, token[:, None], position[:, None], ~done[:, None], table, cache, last,
                                       attn_impl=attn_impl)
-        nxt, *lps = _sample(logits, rows, count, limits, mode, top_n, constrained)
+        nxt, *lps = _sample(logits, rows, count, limits, mode, top_n, constrained, pen)
         nxt = jnp.where(done, smp._NO_TOKEN, nxt)
         new = (nxt, *lps)
         out = tuple(jax.lax.dynamic_update_slice_in_dim(o, x[:, None], i, axis=1) for o, x in zip(out, new))
         live = (~done).astype(jnp.int32)
+        pen = None if pen is None else penalties.record(pen, nxt, ~done)
         count = count + live
         new_done = done | smp._finished(nxt, count, rows)
-        return i + 1, cache, jnp.where(done, token, nxt), position + live, count, new_done, out
+        return i + 1, cache, jnp.where(done, token, nxt), position + live, count, new_done, out, pen
 
-    carry = (jnp.int32(0), cache, token, position, count, done, out)
-    _, cache, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), cache, token, position, count, done, out, pen)
+    _, cache, _, _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
     return cache, out
 
 

@@ -13,6 +13,7 @@ cache); the n samples of a prompt share its prefill.
 
     lt-jax sample --hf DIR | --checkpoint DIR [--step S] [--tokenizer DIR] --prompt TEXT [--prompt ...]
                   [--n 4 --temperature 0.6 --top-p 0.95 --top-k 0 --seed 0 --max-new-tokens 1024]
+                  [--presence-penalty 0 --frequency-penalty 0 --repetition-penalty 1]
                   [--stop STR ...] [--raw] [--system TEXT] [--mesh data=1,fsdp=-1,tensor=1] [--out FILE]
                   [--slots 16 --page-size 16 --num-pages N --max-len N --chunk-size 16]
 """
@@ -26,48 +27,12 @@ import logging
 import sys
 from typing import Any, Optional, Sequence, Union
 
+from lt_jax.sampling import SamplingParams, derive_seed  # noqa: F401  (re-exported: lt_jax.generate's params)
+
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to sample. temperature 0 is greedy; top_k 0 (or None) and top_p 1 are off. `stop`
-    strings end a sample (not included in its text); EOS ids of the tokenizer/model and
-    `stop_token_ids` end it too (unless `ignore_eos`, which ignores only the EOS ids)."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: Optional[int] = 0
-    max_new_tokens: int = 1024
-    seed: Optional[int] = 0  # None: fresh entropy per call
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    logprobs: Optional[int] = None  # per token: the chosen token's logprob and this many alternatives
-    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (after temperature)
-    min_tokens: int = 0  # EOS / stop token ids cannot end a sample before this many tokens
-
-    def __post_init__(self):
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
-        object.__setattr__(self, "top_k", int(self.top_k or 0))
-        if self.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"SamplingParams.logprobs must be >= 0 (alternatives per token), got {self.logprobs}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +96,7 @@ def prompt_seed(seed: int, prompt: int) -> int:
     """Seed of prompt number `prompt` of a call seeded `seed`: the seed itself for the first, a hash
     for the others, so several prompts under one seed draw different streams (and a one-prompt call
     equals a server request with the same seed)."""
-    from lt_jax.sample.sampler import row_seed
-
-    return seed if prompt == 0 else row_seed(seed, f"prompt{prompt}")
+    return seed if prompt == 0 else derive_seed(seed, f"prompt{prompt}")
 
 
 def row_specs(params: SamplingParams, base_seed: int, stop_ids: Sequence[int]) -> list:
@@ -143,7 +106,9 @@ def row_specs(params: SamplingParams, base_seed: int, stop_ids: Sequence[int]) -
     return [smp.RowSpec(prompt=0, seed=smp.row_seed(base_seed, j), temperature=params.temperature,
                         top_p=params.top_p, top_k=params.top_k, max_new_tokens=params.max_new_tokens,
                         stop_token_ids=tuple(stop_ids), stop=params.stop, logprobs=params.logprobs,
-                        min_p=params.min_p, min_tokens=params.min_tokens)
+                        min_p=params.min_p, min_tokens=params.min_tokens,
+                        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                        repetition_penalty=params.repetition_penalty)
             for j in range(params.n)]
 
 
@@ -208,9 +173,7 @@ def generate(
 
 
 def _fresh_seed() -> int:
-    import os
-
-    return int.from_bytes(os.urandom(4), "little")
+    return derive_seed(None)
 
 
 def make_decoder(tokenizer, skip_special_tokens: bool):
@@ -298,6 +261,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--logprobs", type=int, help="with --out: per token logprob and this many alternatives")
+    for name, default in (("presence", 0.0), ("frequency", 0.0), ("repetition", 1.0)):
+        parser.add_argument(f"--{name}-penalty", type=float, default=default, help="see lt_jax.sampling")
     parser.add_argument("--out", help="write results as JSONL here (local or gs://) instead of printing texts")
 
 
@@ -357,9 +322,13 @@ def read_prompts(args) -> list[Prompt]:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = read_prompts(args)
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
-                            logprobs=args.logprobs)
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+                                logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+                                frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
+    except ValueError as e:
+        raise SystemExit(f"lt-jax sample: {e}") from None
     lm = load_from_args(args)
     results = generate(lm.model, lm.tokenizer, prompts, params, eos_ids=lm.eos_ids, mesh=lm.mesh, config=lm.config)
     if args.out:

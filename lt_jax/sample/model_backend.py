@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Iterator, Optional, Sequence
 
 from lt_jax.sample.backends import Choice, GenRequest, GenResult, StreamEvent
@@ -74,8 +73,8 @@ class ModelBackend:
     def prepare(self, req: GenRequest) -> Prepared:
         """Tokenizes and checks one request (thread-safe; the server calls it off the event loop).
         Raises ValueError with the reason when it cannot be served."""
-        from lt_jax.sample.generate import encode_prompt
-        from lt_jax.sample.sampler import RowSpec, row_seed
+        from lt_jax.sample.generate import encode_prompt, row_specs
+        from lt_jax.sampling import derive_seed
 
         _, ids = encode_prompt(self.tokenizer, req.prompt if req.prompt is not None else list(req.messages))
         room = self.context - len(ids)
@@ -85,15 +84,13 @@ class ModelBackend:
             raise ValueError(f"max_tokens {req.max_tokens} is too large: the prompt has {len(ids)} tokens, the "
                              f"context is {self.context} and this server's cap is {self.max_new_tokens}; "
                              f"at most {min(room, self.max_new_tokens)} here")
-        budget = req.max_tokens or min(self.max_new_tokens, room)
-        seed = int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed
-        if any(not 0 <= i < self.vocab_size for i in req.stop_token_ids):
+        params = req.params(min(self.max_new_tokens, room))
+        if any(not 0 <= i < self.vocab_size for i in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids below the vocabulary size {self.vocab_size}")
-        stop_ids = tuple(dict.fromkeys((() if req.ignore_eos else self.eos_ids) + tuple(req.stop_token_ids)))
-        specs = tuple(RowSpec(prompt=0, seed=row_seed(seed, j), temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k or 0, max_new_tokens=budget, stop_token_ids=stop_ids,
-                              stop=tuple(req.stop), logprobs=req.logprobs, min_p=req.min_p,
-                              min_tokens=min(req.min_tokens, budget)) for j in range(req.n))
+        stop_ids = tuple(dict.fromkeys((() if params.ignore_eos else self.eos_ids) + params.stop_token_ids))
+        params = params.replace(min_tokens=min(params.min_tokens, params.max_new_tokens))
+        base = derive_seed(None) if params.seed is None else params.seed
+        specs = tuple(row_specs(params, base, stop_ids))
         self.engine.check(ids, specs)
         return Prepared(tuple(ids), specs)
 

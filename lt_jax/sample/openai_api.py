@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from lt_jax.sample.backends import GenRequest
+from lt_jax.sampling import SamplingError
 
 REASONING_FORMATS = ("inline", "separate")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -24,9 +25,6 @@ _UNSUPPORTED = {
     "best_of": lambda v: v not in (None, 1), "suffix": lambda v: v is not None,
     "logit_bias": lambda v: bool(v), "audio": lambda v: v is not None,
     "response_format": lambda v: isinstance(v, dict) and v.get("type") not in (None, "text"),
-    # Sampling extensions the engine does not implement yet (vLLM names): refused rather than ignored.
-    "frequency_penalty": lambda v: v not in (None, 0), "presence_penalty": lambda v: v not in (None, 0),
-    "repetition_penalty": lambda v: v not in (None, 1),
 }
 _INT_MAX = 2**31 - 1  # device-side integers are int32
 
@@ -113,6 +111,9 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
         ignore_eos=_boolean(body, "ignore_eos"),
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         min_tokens=_integer(body, "min_tokens", 0, _INT_MAX) or 0,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf, lo_open=True),
     )
 
 
@@ -203,11 +204,20 @@ def _logprobs(body: dict, chat: bool, stream: bool) -> int | None:
     return count
 
 
+def _request(**fields) -> GenRequest:
+    """The request, its fields checked by the shared SamplingParams rules (a 400 naming the field)."""
+    try:
+        return GenRequest(**fields)
+    except SamplingError as e:
+        param = {"max_new_tokens": "max_tokens"}.get(e.field, e.field)
+        raise APIError(f"'{param}': {e}", param=param, code="invalid_value") from None
+
+
 def parse_chat(body: Any, served: str, *, max_n: int, reasoning_format: str) -> ParsedCall:
     """Validates a /v1/chat/completions body; raises APIError naming the bad field."""
     model, stream, usage = _common(body, served)
-    request = GenRequest(messages=_messages(body.get("messages")), **_sampling(body, max_n),
-                         logprobs=_logprobs(body, True, stream))
+    request = _request(messages=_messages(body.get("messages")), **_sampling(body, max_n),
+                       logprobs=_logprobs(body, True, stream))
     return ParsedCall(model, (request,), stream, usage, _reasoning_format(body, reasoning_format))
 
 
@@ -222,7 +232,7 @@ def parse_completion(body: Any, served: str, *, max_n: int, max_prompts: int = 6
     if len(prompts) > max_prompts:
         raise APIError(f"at most {max_prompts} prompts per request", param="prompt", code="invalid_value")
     sampling = dict(_sampling(body, max_n), logprobs=_logprobs(body, False, stream))
-    return ParsedCall(model, tuple(GenRequest(prompt=p, **sampling) for p in prompts), stream, usage, "inline")
+    return ParsedCall(model, tuple(_request(prompt=p, **sampling) for p in prompts), stream, usage, "inline")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import time
 from typing import Iterator, NamedTuple, Optional, Sequence
@@ -43,6 +42,7 @@ from flax import nnx
 
 from lt_jax.model import sharding as shd
 from lt_jax.model import transformer as tfm
+from lt_jax.sampling import derive_seed
 from lt_jax.sample.detokenize import Decode, TextStream
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ class RowSpec:
     logprobs: Optional[int] = None  # engine only: per token, the chosen token's logprob and the top-N
     min_tokens: int = 0  # engine only: stop token ids cannot be drawn before this many tokens
     min_p: float = 0.0  # engine only: drop tokens below min_p x the top token's probability
+    presence_penalty: float = 0.0  # engine only, the three penalties: see lt_jax.sampling.SamplingParams
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclasses.dataclass
@@ -106,9 +109,8 @@ class RowUpdate(NamedTuple):
 
 
 def row_seed(seed: Optional[int], index: int) -> int:
-    """32-bit seed of sample `index` of a request seeded `seed` (stable across processes)."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
+    """Seed of sample `index` of a request seeded `seed` (`lt_jax.sampling.derive_seed`)."""
+    return derive_seed(seed, index)
 
 
 def bucket(n: int, minimum: int = 1, per_octave: int = 8, align: int = 1) -> int:
@@ -436,8 +438,9 @@ class Sampler:
                 raise ValueError(f"sampler: row {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
             if r.stop and decode is None:
                 raise ValueError("sampler: stop strings need a decode function (a tokenizer)")
-            if r.min_tokens or r.min_p or r.logprobs is not None:
-                raise ValueError(f"sampler: row {i}: min_tokens, min_p and logprobs need the engine "
+            if (r.min_tokens or r.min_p or r.logprobs is not None or r.presence_penalty or r.frequency_penalty
+                    or r.repetition_penalty != 1):
+                raise ValueError(f"sampler: row {i}: min_tokens, min_p, logprobs and penalties need the engine "
                                  "(lt_jax.sample.engine), not the lockstep sampler")
         for i, p in enumerate(prompts):
             if len(p) == 0:

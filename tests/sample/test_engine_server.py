@@ -43,10 +43,10 @@ BAD = {  # each gets a 400 naming its problem while its neighbours are served
     "too_long_prompt": (dict(messages=[{"role": "user", "content": "naïve café " * 200}]), "context"),
     "prompt_plus_max_tokens": (dict(max_tokens=250), "max_tokens 250 is too large"),
     "top_k_overflow": (dict(top_k=1099511627776), "top_k"),
-    "frequency_penalty": (dict(frequency_penalty=0.5), "frequency_penalty"),
-    "presence_penalty": (dict(presence_penalty=0.5), "presence_penalty"),
+    "frequency_penalty": (dict(frequency_penalty=2.5), "frequency_penalty"),
+    "presence_penalty": (dict(presence_penalty=-3), "presence_penalty"),
     "min_p_out_of_range": (dict(min_p=2), "min_p"),
-    "repetition_penalty": (dict(repetition_penalty=1.2), "repetition_penalty"),
+    "repetition_penalty": (dict(repetition_penalty=0), "repetition_penalty"),
     "stop_token_id_out_of_vocab": (dict(stop_token_ids=[10**6]), "vocabulary"),
 }
 
@@ -182,3 +182,16 @@ def test_logprobs_equal_the_engines(served):
     assert len(c.logprobs.top_logprobs) == 8
     with pytest.raises(openai.BadRequestError, match="stream"):
         client.chat.completions.create(model="tiny", messages=CHAT, logprobs=True, stream=True)
+
+
+def test_penalties_through_the_openai_client_equal_generate(served):
+    srv, _, model, tok = served
+    kw = dict(temperature=0.0, max_new_tokens=16, frequency_penalty=1.2, presence_penalty=0.5, repetition_penalty=1.3)
+    (want,) = generate(model, tok, [CHAT], SamplingParams(**kw))
+    (plain,) = generate(model, tok, [CHAT], SamplingParams(temperature=0.0, max_new_tokens=16))
+    assert want.texts != plain.texts  # the penalties matter for this prompt
+    client = openai.OpenAI(base_url=srv.url, api_key="-", max_retries=0)
+    r = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=16,
+                                       frequency_penalty=1.2, presence_penalty=0.5,
+                                       extra_body={"repetition_penalty": 1.3})
+    assert r.choices[0].message.content == want.texts[0]

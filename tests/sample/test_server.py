@@ -139,6 +139,8 @@ BAD_REQUESTS = [
     ({"model": MODEL, "messages": _chat(), "tools": [{"type": "function"}]}, None, 400, "tools"),
     ({"model": MODEL, "messages": _chat(), "reasoning_format": "xml"}, None, 400, "reasoning_format"),
     ({"model": "gpt-9", "messages": _chat()}, None, 404, "model"),
+    # past the API's own checks, refused by the shared SamplingParams rules (not a 500)
+    ({"model": MODEL, "messages": _chat(), "seed": 2**70}, None, 400, "seed"),
 ]
 
 
