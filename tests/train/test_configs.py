@@ -38,7 +38,13 @@ def test_recipes_follow_deepdistill_stage_one_and_fit_their_mesh(name):
 def test_tiny_config_is_a_small_model_for_the_cpu_demo():
     cfg = load_run_config(os.path.join(CONFIGS, "tiny.yaml"), ["data.train=/tmp/tokens"])
     model = cfg.model_config()
-    assert model.num_params() < 2_000_000 and model.vocab_size >= 1024
+    # The demo's tokenizer is fitted with at most demo.tokenizer_vocab entries plus its added tokens.
+    import yaml
+
+    from lt_jax.data.tiny_tokenizer import ADDED_TOKENS
+
+    demo = yaml.safe_load(open(os.path.join(CONFIGS, "tiny.yaml")))["demo"]
+    assert model.num_params() < 2_000_000 and model.vocab_size >= demo["tokenizer_vocab"] + len(ADDED_TOKENS)
     assert cfg.mesh.resolve(1) == {"data": 1, "fsdp": 1, "tensor": 1}
     assert cfg.train.global_batch % cfg.train.grad_accum == 0 and cfg.train.init_from is None
 
