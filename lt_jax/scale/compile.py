@@ -270,10 +270,14 @@ def check(cfg, target, *, sampler: Optional[SampleShape] = None, train: bool = T
     if sampler is not None:
         printer(f"compiling the sampler (batch {sampler.batch}, prompt {sampler.prompt_len}, "
                 f"+{sampler.max_new_tokens} tokens) ...")
-        for name, (compiled, times) in compile_sampler(model_config, mesh, sampler).items():
-            shape = (f"batch {sampler.batch}, prompt {sampler.prompt_len}, cache for +{sampler.max_new_tokens}, "
-                     f"params {model_config.compute_dtype}")
-            report["compiled"][name] = _part(compiled, times, capacity, shape)
+        shape = (f"batch {sampler.batch}, prompt {sampler.prompt_len}, cache for +{sampler.max_new_tokens}, "
+                 f"params {model_config.compute_dtype}")
+        try:
+            parts = compile_sampler(model_config, mesh, sampler)
+        except Exception as e:  # noqa: BLE001 - as for the train step: only running out of HBM is an answer
+            parts = {"sampler": out_of_memory_part(e, capacity, shape)}
+        for name, part in parts.items():
+            report["compiled"][name] = part if isinstance(part, dict) else _part(*part, capacity, shape)
     report["verdict"], report["fits"] = _verdict(report, min_headroom)
     return report
 

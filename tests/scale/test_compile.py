@@ -208,3 +208,31 @@ def test_config_without_data_and_architecture_rules(small_yaml, tmp_path):
     bare.write_text(yaml.safe_dump({"model": {"remat": "full"}, "train": {"init_from": str(tmp_path / "nope")}}))
     with pytest.raises(Exception, match="nope"):
         aot.resolve_model(aot.load_config(str(bare), []), "tpu", printer=lambda *_: None)
+
+
+def test_a_sampler_that_does_not_fit_is_the_same_answer(small_yaml, monkeypatch):
+    """Running out of HBM while compiling the engine's calls gives the DOES NOT FIT verdict (exit 3), as
+    for the train step; any other compiler error still surfaces."""
+    from lt_jax.train.config import load_run_config
+
+    cfg = load_run_config(small_yaml, ["data.train=/tmp/tokens"])
+    target = topology.parse_tpu("v5p:2x2x1")
+    monkeypatch.setattr(topology, "target_devices", lambda t: jax.devices()[:1])
+    monkeypatch.setattr(topology, "capacity_bytes", lambda t, kind: int(95.74 * 2**30))
+    shape = aot.SampleShape(batch=64, prompt_len=1024, max_new_tokens=32768)
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                           "temporaries (236.60G) exceeds available HBM (95.74G).")
+
+    monkeypatch.setattr(aot, "compile_sampler", oom)
+    report = aot.check(cfg, target, sampler=shape, train=False, printer=lambda *a: None)
+    assert report["fits"] is False and report["verdict"].startswith("verdict: DOES NOT FIT (sampler: 236.6")
+    assert report["compiled"]["sampler"]["memory"]["peak"] == pytest.approx(236.60 * 2**30)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("INVALID_ARGUMENT: bad")
+
+    monkeypatch.setattr(aot, "compile_sampler", broken)
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        aot.check(cfg, target, sampler=shape, train=False, printer=lambda *a: None)
