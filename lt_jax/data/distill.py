@@ -40,14 +40,14 @@ import time
 from typing import Any, Iterator, Literal
 
 from lt_jax import config, sampling, storage
-from lt_jax.data import jsonl
+from lt_jax.data import formats, jsonl
 
 log = logging.getLogger(__name__)
 
 RECORD_FIELDS = ("problem_id", "sample_index", "problem", "prompt", "system", "response",
                  "reasoning_content", "finish_reason", "usage", "reference_answer", "teacher", "teacher_api",
                  "sampling", "time", "latency_s", "attempts", "status", "error", "error_type")
-DEFAULT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+DEFAULT_TEMPLATE = formats.MATH_PROMPT_FORMAT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +124,6 @@ class Problem:
 
 def _rows(path: str) -> Iterator[tuple[int, dict]]:
     """Every row the shared reader gives (JSONL, .gz, JSON, Parquet, BOM); a bad one stops the run."""
-    from lt_jax.data import formats
-
     for file in formats.list_files(path):
         yield from formats.read_rows(file, policy="strict")
 

@@ -37,6 +37,11 @@ from typing import Any, Callable, Iterator
 from lt_jax import storage
 from lt_jax.data.jsonl import DataError, DropLog, Policy, check_policy, handle, loads, read_jsonl
 
+# The papers' math instruction, one text for distillation, the synthetic teacher and evaluation.
+# `{problem}` is replaced; MATH_PROMPT_FORMAT is the same text as a str.format template (braces doubled).
+MATH_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+MATH_PROMPT_FORMAT = MATH_PROMPT.replace("{}", "{{}}")
+
 LAYOUTS = ("responses", "openai", "sharegpt", "problem_solution", "am")
 CANONICAL = ("id", "problem", "response", "thinking", "reference", "system", "messages", "conversations", "source")
 _KEYS: dict[str, tuple[str, ...]] = {

@@ -27,10 +27,10 @@ import re
 from typing import Any, Literal, Sequence
 
 from lt_jax.config import ConfigError
-from lt_jax.data import jsonl
+from lt_jax.data import formats, jsonl
 
 OPS = {"add": "+", "mul": "*"}
-DEFAULT_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+DEFAULT_PROMPT = formats.MATH_PROMPT_FORMAT
 _ANCHORED = re.compile(r"Compute\s+(\d+)\s*([+*])\s*(\d+)")
 _LOOSE = re.compile(r"(\d+)\s*([+*×xX])\s*(\d+)")
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from lt_jax import config as config_lib
 from lt_jax import storage
-from lt_jax.data import jsonl
+from lt_jax.data import formats, jsonl
 from lt_jax.eval import choice, code_eval, report
 from lt_jax.eval.answer import final_answer  # noqa: F401  (re-exported)
 from lt_jax.eval.benchmarks import Benchmark, Item, load_benchmark
@@ -31,7 +31,7 @@ from lt_jax.eval.judge import LABELS, JudgeConfig, JudgeScorer, summarize_judged
 
 log = logging.getLogger(__name__)
 
-MATH_INSTRUCTION = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+MATH_INSTRUCTION = formats.MATH_PROMPT
 # Kinds scored per sample with a right/wrong outcome (pass@1 over num_samples), not by a judge.
 SAMPLED_KINDS = ("math", "multiple_choice", "code")
 

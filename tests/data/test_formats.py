@@ -261,3 +261,13 @@ def test_writer_gcs_resume(gcs_bucket):
     with jsonl.JsonlWriter(path, resume=True) as w:
         w.write({"i": 1})
     assert [r["i"] for _, r in jsonl.read_jsonl(path, policy="strict")] == [0, 1]
+
+
+def test_the_math_prompt_is_one_text_for_distill_the_synthetic_teacher_and_eval():
+    from lt_jax.data import distill, synthetic
+    from lt_jax.eval import harness
+
+    rendered = {distill.DEFAULT_TEMPLATE.format(problem="Compute 2 + 3."),
+                synthetic.DEFAULT_PROMPT.format(problem="Compute 2 + 3."),
+                harness.MATH_INSTRUCTION.replace("{problem}", "Compute 2 + 3.")}
+    assert rendered == {"Compute 2 + 3.\nPlease reason step by step, and put your final answer within \\boxed{}."}
