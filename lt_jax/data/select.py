@@ -528,38 +528,3 @@ def print_report(report: dict[str, Any], file=None) -> None:
         p(f"  decontamination against {con['benchmark_items']} eval items: {con['hits']} problems matched {con['by_benchmark']}")
         for hit in con["items"][:10]:
             p(f"    {hit['problem_id']} ~ {hit['benchmark']} item {hit['item']} ({hit['kind']}{': ' + hit['ngram'] if hit.get('ngram') else ''})")
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser, command: str) -> None:
-    parser.add_argument("--in", dest="inp", required=True, help="graded.jsonl (or any layout lt_jax.data.formats reads, with graded=false)")
-    parser.add_argument("--out", required=True, help="sft.jsonl (local or gs://)")
-    parser.add_argument("--config", default=None, help="YAML with SelectConfig fields")
-    parser.add_argument("--decontam", action="append", default=[], metavar="PATH[:FIELD]",
-                        help="eval set file or folder to decontaminate against (repeatable)")
-    parser.add_argument("--report", default=None, help="report JSON (default: <out>.report.json)")
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad input row instead of counting it")
-    parser.add_argument("--layout", default=None, help=f"force the input layout: {', '.join(formats.LAYOUTS)}")
-    parser.add_argument("--field", action="append", default=[], help="remap a field, e.g. --field problem=question")
-    parser.add_argument("overrides", nargs="*", help="SelectConfig key=value overrides, e.g. max_per_problem=2")
-
-
-def run(args) -> int:
-    """The CLI shell; lt_jax.cli prints ConfigError / DataError as one `error:` line with status 2."""
-    from lt_jax import config
-
-    extra = list(args.overrides)
-    if args.strict:
-        extra.append("policy=strict")
-    if args.layout:
-        extra.append(f"layout={args.layout}")
-    cfg = config.load(SelectConfig, args.config, extra)
-    cfg = dataclasses.replace(
-        cfg, decontam=tuple(cfg.decontam) + tuple(args.decontam), fields={**cfg.fields, **formats.parse_fields(args.field)}
-    )
-    report = select_file(args.inp, args.out, cfg, args.report)
-    print_report(report)
-    return 0

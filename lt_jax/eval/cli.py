@@ -17,6 +17,12 @@ import argparse
 import sys
 from typing import Any
 
+from lt_jax import config as config_lib
+from lt_jax.eval import benchmarks, harness
+from lt_jax.eval.generators import EndpointConfig, EndpointError, OpenAIGenerator, SamplerGenerator
+from lt_jax.eval.harness import RunSpec
+from lt_jax.sample.cli import add_model_arguments, load_from_args
+
 DEFAULT_BENCHMARKS = "aime24,aime25,math500,cn_math_2024"
 
 
@@ -24,8 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     src = parser.add_argument_group("what to evaluate (checkpoints/HF folders, or one served model)")
     src.add_argument("--checkpoint", action="append", default=[], help="training checkpoint dir (local or gs://); repeatable")
     src.add_argument("--hf", action="append", default=[], help="Hugging Face model folder; repeatable")
-    from lt_jax.sample.generate import add_model_arguments
-
     add_model_arguments(src, with_source=False)  # --step --tokenizer --dtype --mesh --chunk-size, as `lt-jax sample`
     src.add_argument("--name", action="append", default=[], help="run names, in the order of the models given")
     src.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
@@ -53,8 +57,6 @@ def _judge_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _list_benchmarks() -> int:
-    from lt_jax.eval import benchmarks
-
     for name in benchmarks.available():
         b = benchmarks.load_benchmark(name)
         print(f"{name:18s} {b.kind:11s} {len(b):4d} items  {b.source}")
@@ -75,9 +77,6 @@ def _default_name(path: str) -> str:
 
 def build_runs(args: argparse.Namespace) -> list:
     """RunSpecs from the arguments; models load lazily, one at a time."""
-    from lt_jax.eval.generators import EndpointConfig, OpenAIGenerator
-    from lt_jax.eval.harness import RunSpec
-
     models = _model_runs(args)
     if bool(models) == bool(args.base_url):
         raise SystemExit("lt-jax eval: give --checkpoint/--hf PATH (one or more) or --base-url with --model")
@@ -96,9 +95,6 @@ def build_runs(args: argparse.Namespace) -> list:
 
 def _loader(kind: str, path: str, name: str, args: argparse.Namespace):
     def make():
-        from lt_jax.eval.generators import SamplerGenerator
-        from lt_jax.sample.generate import load_from_args
-
         lm = load_from_args(argparse.Namespace(**{**vars(args), "checkpoint": None, "hf": None, kind: path}))
         return SamplerGenerator(lm.model, lm.tokenizer, name, eos_ids=lm.eos_ids, mesh=lm.mesh, sampler_config=lm.config)
 
@@ -106,9 +102,6 @@ def _loader(kind: str, path: str, name: str, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lt_jax import config as config_lib
-    from lt_jax.eval import harness
-
     if args.list:
         return _list_benchmarks()
     if not args.out:
@@ -121,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # ConfigError and BenchmarkError are ValueErrors with full messages
         print(f"lt-jax eval: {e}", file=sys.stderr)
         return 2
-    from lt_jax.eval.generators import EndpointError
-
     runs = build_runs(args)
     try:
         result = harness.evaluate(runs, benches, cfg, args.out, progress=not args.no_progress)

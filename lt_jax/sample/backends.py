@@ -28,6 +28,7 @@ import random
 import re
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
+from lt_jax.data import synthetic
 from lt_jax.sampling import SamplingParams, derive_seed
 
 FINISH_REASONS = ("stop", "length")
@@ -186,8 +187,6 @@ class SyntheticBackend:
     """
 
     def __init__(self, cfg: Any = None, name: str = "synthetic-teacher"):
-        from lt_jax.data import synthetic
-
         self._synthetic = synthetic
         self.cfg = synthetic.SyntheticConfig() if cfg is None else cfg
         self.name = name

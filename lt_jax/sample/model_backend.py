@@ -18,26 +18,11 @@ import logging
 from typing import Iterator, Optional, Sequence
 
 from lt_jax.sample.backends import Choice, GenRequest, GenResult, StreamEvent
+from lt_jax.sample.engine import Engine
+from lt_jax.sample.generate import encode_prompt, engine_config, eos_token_ids, make_decoder, row_specs, to_sample
+from lt_jax.sampling import derive_seed
 
 log = logging.getLogger(__name__)
-
-
-def add_backend_arguments(parser) -> None:
-    """Flags of the model backend (`--checkpoint/--hf` themselves belong to `lt-jax serve`)."""
-    from lt_jax.sample.generate import add_model_arguments
-
-    add_model_arguments(parser, with_source=False)
-    parser.add_argument("--max-new-tokens", type=int, default=4096,
-                        help="max_tokens of requests that set none (and the cap for those that do)")
-
-
-def from_args(args) -> "ModelBackend":
-    """The backend `lt-jax serve --checkpoint/--hf ...` asks for."""
-    from lt_jax.sample.generate import load_from_args
-
-    lm = load_from_args(args)
-    return ModelBackend(lm.model, lm.tokenizer, lm.name, eos_ids=lm.eos_ids, mesh=lm.mesh, config=lm.config,
-                        max_new_tokens=args.max_new_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +38,6 @@ class ModelBackend:
 
     def __init__(self, model, tokenizer, name: str, *, eos_ids: Optional[Sequence[int]] = None, mesh=None,
                  config=None, max_new_tokens: int = 4096, skip_special_tokens: bool = True):
-        from lt_jax.sample.engine import Engine
-        from lt_jax.sample.generate import engine_config, eos_token_ids, make_decoder
-
         self.name = name
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -73,9 +55,6 @@ class ModelBackend:
     def prepare(self, req: GenRequest) -> Prepared:
         """Tokenizes and checks one request (thread-safe; the server calls it off the event loop).
         Raises ValueError with the reason when it cannot be served."""
-        from lt_jax.sample.generate import encode_prompt, row_specs
-        from lt_jax.sampling import derive_seed
-
         _, ids = encode_prompt(self.tokenizer, req.prompt if req.prompt is not None else list(req.messages))
         room = self.context - len(ids)
         if room < 1:
@@ -116,8 +95,6 @@ class ModelBackend:
 
     def step(self) -> list[tuple[int, StreamEvent]]:
         """One engine step -> (engine request id, text delta event) pairs; `event.request` is 0."""
-        from lt_jax.sample.generate import to_sample
-
         out = []
         for u in self.engine.step():
             prompt_tokens, sent, left = self._open[u.request]

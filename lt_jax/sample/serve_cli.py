@@ -4,9 +4,8 @@
                  [--api-key-env VAR] [--reasoning-format inline|separate]
 
 Backends: `--teacher synthetic` (the rule-based long-thought teacher of lt_jax.data.synthetic) or a
-model checkpoint (`--checkpoint PATH` / `--hf DIR`), served by `lt_jax.sample.model_backend`,
-which provides `from_args(args) -> Backend` and may add its own flags through
-`add_backend_arguments(parser)` (both looked up lazily, so this module does not depend on it).
+model checkpoint (`--checkpoint PATH` / `--hf DIR`), served by `lt_jax.sample.model_backend` with
+the model flags of `lt-jax sample` (lt_jax.sample.cli).
 The actual address is printed as `serving MODEL at URL` once the socket is bound (useful with --port 0).
 """
 
@@ -14,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import os
 import signal
 import sys
 
-MODEL_BACKEND = "lt_jax.sample.model_backend"
+from lt_jax import config
+from lt_jax.data import synthetic
+from lt_jax.sample.backends import SyntheticBackend
+from lt_jax.sample.cli import add_model_arguments, load_from_args
+from lt_jax.sample.model_backend import ModelBackend
+from lt_jax.sample.server import ServerConfig, bind, serve
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -31,10 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     choice.add_argument("--hf", help="a Hugging Face model folder")
     src.add_argument("--synthetic-config", help="YAML for lt_jax.data.synthetic.SyntheticConfig")
     src.add_argument("--model-name", help="name served in /v1/models (default: the backend's)")
-    try:  # the model backend's own flags (tokenizer, mesh, ...), when it exists
-        importlib.import_module(MODEL_BACKEND).add_backend_arguments(src)
-    except (ImportError, AttributeError):
-        pass
+    add_model_arguments(src, with_source=False)  # --tokenizer, --mesh, ... as `lt-jax sample`
+    src.add_argument("--max-new-tokens", type=int, default=4096,
+                     help="max_tokens of requests that set none (and the cap for those that do)")
     net = parser.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     net.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -50,25 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def build_backend(args: argparse.Namespace):
     """The backend the flags ask for."""
     if args.teacher == "synthetic":
-        from lt_jax import config
-        from lt_jax.data import synthetic
-        from lt_jax.sample.backends import SyntheticBackend
-
         cfg = config.load(synthetic.SyntheticConfig, args.synthetic_config) if args.synthetic_config else None
         return SyntheticBackend(cfg, name=args.model_name or "synthetic-teacher")
-    try:
-        module = importlib.import_module(MODEL_BACKEND)
-    except ImportError as e:
-        raise SystemExit(f"--checkpoint/--hf need {MODEL_BACKEND}, which is not available: {e}")
-    backend = module.from_args(args)
+    lm = load_from_args(args)
+    backend = ModelBackend(lm.model, lm.tokenizer, lm.name, eos_ids=lm.eos_ids, mesh=lm.mesh, config=lm.config,
+                           max_new_tokens=args.max_new_tokens)
     if args.model_name:
         backend.name = args.model_name
     return backend
 
 
 def run(args: argparse.Namespace) -> int:
-    from lt_jax.sample.server import ServerConfig, bind
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = None
     if args.api_key_env:
@@ -87,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(backend, cfg, sock) -> int:
-    from lt_jax.sample.server import serve
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

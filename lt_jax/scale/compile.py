@@ -21,14 +21,27 @@ against the chip's, per device, and what to change.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import re
-import sys
 import time
 from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lt_jax import config as config_lib
+from lt_jax.data.loader import BATCH_KEYS, batch_sharding
+from lt_jax.model import sharding as shd
+from lt_jax.model import transformer as tfm
+from lt_jax.sample import engine as eng
+from lt_jax.scale import topology
+from lt_jax.train import checkpoint as ckpt
+from lt_jax.train import metrics, optim
+from lt_jax.train import step as st
+from lt_jax.train.config import load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +65,6 @@ class SampleShape:
 
 def load_config(path: str, overrides) -> Any:
     """The run config; `data.train` may be absent (the check reads no data)."""
-    from lt_jax import config as config_lib
-    from lt_jax.train.config import load_run_config
-
     data = config_lib.load_yaml(path) if path else {}
     extra = [] if (data.get("data") or {}).get("train") else [f"data.train={_PLACEHOLDER_DATA}"]
     return load_run_config(path, [*extra, *overrides])
@@ -72,8 +82,6 @@ def resolve_model(cfg, platform: str, printer=print):
     if not missing or not cfg.train.init_from:
         model = cfg.model_config()
     else:
-        from lt_jax.train import checkpoint as ckpt
-
         printer(f"model: {', '.join(missing)} not in the YAML; reading {cfg.train.init_from}")
         model = cfg.model_config(ckpt.load_model_config(cfg.train.init_from), source=cfg.train.init_from)
     if model.attention == "auto" and platform in ("tpu", "gpu"):
@@ -86,21 +94,11 @@ def resolve_model(cfg, platform: str, printer=print):
 
 
 def abstract_batch(global_batch: int, seq_len: int, sharding) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from lt_jax.data.loader import BATCH_KEYS
-
     return {k: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=sharding) for k in BATCH_KEYS}
 
 
 def compile_train_step(cfg, model_config, mesh):
     """(compiled train step, {"lower_s", "compile_s"}) for `cfg` on `mesh`; nothing is allocated."""
-    from lt_jax.data.loader import batch_sharding
-    from lt_jax.model import transformer as tfm
-    from lt_jax.train import optim
-    from lt_jax.train import step as st
-
     optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps or _NOMINAL_STEPS)
     graphdef, params = st.split_model(tfm.abstract_model(model_config, mesh))
     shardings = st.state_shardings(params, optimizer, mesh)
@@ -113,8 +111,6 @@ def compile_train_step(cfg, model_config, mesh):
 
 
 def _lower_and_compile(fn, mesh, *args, **kwargs):
-    import jax
-
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = fn.trace(*args, **kwargs).lower()
@@ -128,13 +124,6 @@ def compile_sampler(model_config, mesh, shape: SampleShape, chunk: int = 16) -> 
     calls for `shape` (slots = batch, sequences of prompt_len + max_new_tokens), with the shapes the
     engine itself derives (`engine.abstract_calls`); parameters in the compute dtype, as an
     exported checkpoint is served."""
-    import jax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from lt_jax.model import transformer as tfm
-    from lt_jax.sample import engine as eng
-
     cfg = dataclasses.replace(model_config, param_dtype=model_config.compute_dtype, remat="none")
     graphdef, params = nnx.split(tfm.abstract_model(cfg, mesh))
     rep = NamedSharding(mesh, PartitionSpec())
@@ -182,8 +171,6 @@ def cost_report(compiled) -> dict[str, Optional[float]]:
 
 def model_flops(model_config, global_batch: int, seq_len: int) -> float:
     """6N per token plus causal attention, every row one document (the most attention work)."""
-    from lt_jax.train import metrics
-
     tokens = float(global_batch * seq_len)
     pairs = float(global_batch) * seq_len * (seq_len + 1) / 2
     return metrics.step_flops(model_config, tokens, pairs)
@@ -236,10 +223,6 @@ def format_report(report: dict) -> str:
 def check(cfg, target, *, sampler: Optional[SampleShape] = None, train: bool = True,
           min_headroom: float = 0.10, printer=print) -> dict:
     """Compiles what is asked for `target` and returns the report (see module doc)."""
-    from lt_jax.model import sharding as shd
-    from lt_jax.scale import topology
-    from lt_jax.train import metrics
-
     devices = topology.target_devices(target)
     kind = devices[0].device_kind
     if target.num_slices > 1 and cfg.mesh.dcn_data == 1:  # as tpu_scripts/tpu.py launch does
@@ -284,8 +267,6 @@ def check(cfg, target, *, sampler: Optional[SampleShape] = None, train: bool = T
 
 def check_divisible(cfg, mesh) -> None:
     """Rows per micro-batch must split over the batch axes and rows over `context`; say which fields."""
-    from lt_jax.model import sharding as shd
-
     shards = 1
     for axis in ("dcn_data", "data", "fsdp"):
         shards *= shd.axis_size(mesh, axis)
@@ -350,63 +331,5 @@ def _verdict(report: dict, min_headroom: float) -> tuple[str, bool]:
             "train.global_batch down), or context parallelism (mesh.context) for long sequences"), False
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--config", required=True, help="run YAML (as for lt-jax train); local or gs://")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.context=4 data.seq_len=131072")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--topology", help="TPU slice GENERATION:CHIPS, e.g. v5p:2x2x1, v5p:8x8x4, v6e:16x16")
-    where.add_argument("--gpu", help="GPU node KINDxCOUNT, e.g. h100x8 (compiles on the attached GPUs)")
-    parser.add_argument("--slices", type=int, default=1, help="TPU slices over DCN (mesh.dcn_data follows)")
-    parser.add_argument("--nodes", type=int, default=1, help="GPU nodes")
-    parser.add_argument("--mem-fraction", type=float, default=0.9,
-                        help="GPU: share of HBM the JAX allocator may use (XLA_PYTHON_CLIENT_MEM_FRACTION)")
-    parser.add_argument("--sampler", action="store_true", help="also compile the sampler's prefill and decode")
-    parser.add_argument("--no-train", action="store_true", help="skip the train step (with --sampler)")
-    parser.add_argument("--sample-batch", type=int, default=SampleShape.batch)
-    parser.add_argument("--prompt-len", type=int, default=SampleShape.prompt_len)
-    parser.add_argument("--max-new-tokens", type=int, default=SampleShape.max_new_tokens)
-    parser.add_argument("--min-headroom", type=float, default=0.10, help="fraction of HBM to leave free (0.10)")
-    parser.add_argument("--out", help="write the report as JSON here (local or gs://)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from lt_jax import storage
-    from lt_jax.scale import topology
-
-    logging.basicConfig(level=logging.WARNING)
-    if args.topology:
-        target = topology.parse_tpu(args.topology, args.slices)
-    else:
-        target = topology.parse_gpu(args.gpu, args.nodes, args.mem_fraction)
-    cfg = load_config(args.config, args.overrides)
-    sampler = SampleShape(args.sample_batch, args.prompt_len, args.max_new_tokens) if args.sampler else None
-    if args.no_train and sampler is None:
-        print("lt-jax compile: --no-train needs --sampler", file=sys.stderr)
-        return 1
-    try:
-        report = check(cfg, target, sampler=sampler, train=not args.no_train, min_headroom=args.min_headroom)
-    except (RuntimeError, ValueError) as e:
-        print(f"lt-jax compile: {e}", file=sys.stderr)
-        return 1
-    report["config"] = args.config
-    report["overrides"] = list(args.overrides)
-    print(format_report(report))
-    if args.out:
-        storage.write_text(args.out, json.dumps(report, indent=2, default=str) + "\n")
-        print(f"report: {args.out}")
-    return 0 if report["fits"] else NOT_FIT_EXIT_CODE
-
-
-def main(argv=None) -> int:
-    """`python -m lt_jax.scale.compile ...`: the same as `lt-jax compile ...`."""
-    parser = argparse.ArgumentParser(prog="lt_jax.scale.compile", description=__doc__.splitlines()[0])
-    add_arguments(parser, "compile")
-    return run(parser.parse_intermixed_args(argv))
-
-
 __all__ = ["check", "compile_train_step", "compile_sampler", "memory_report", "cost_report", "format_report",
-           "load_config", "resolve_model", "SampleShape", "add_arguments", "run", "NOT_FIT_EXIT_CODE"]
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+           "load_config", "resolve_model", "SampleShape", "NOT_FIT_EXIT_CODE"]

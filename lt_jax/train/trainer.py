@@ -22,28 +22,36 @@ Only process 0 prints and writes metrics; every process takes part in checkpoint
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
 import signal
 import time
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+import jax
+import yaml
+from flax import nnx
+from jax.experimental import multihost_utils
 
 from lt_jax import storage
 from lt_jax.config import to_dict
-from lt_jax.train.config import RunConfig, load_run_config
+from lt_jax.data import loader as loader_lib
+from lt_jax.data.loader import Loader
+from lt_jax.data.source import TokenizedSource
+from lt_jax.model import sharding as shd
+from lt_jax.model import transformer as tfm
+from lt_jax.model.config import ModelConfig
+from lt_jax.train import checkpoint as ckpt
+from lt_jax.train import distributed, metrics, optim
+from lt_jax.train import step as st
+from lt_jax.train.checkpoint import TrainCheckpointer
+from lt_jax.train.config import RunConfig
 from lt_jax.train.hooks import Hook, HookFn
-
-if TYPE_CHECKING:  # the heavy modules load in `setup`, so `lt-jax --help` stays free of jax
-    import jax
-    from flax import nnx
-
-    from lt_jax.data.loader import Loader
-    from lt_jax.model.config import ModelConfig
-    from lt_jax.train.checkpoint import TrainCheckpointer
-    from lt_jax.train.metrics import MetricsWriter
-    from lt_jax.train.step import TrainState
+from lt_jax.train.metrics import MetricsWriter
+from lt_jax.train.resume_check import check_resume
+from lt_jax.train.step import TrainState
+from lt_jax.train.wandb_logger import WandbLogger
 
 PREEMPTED_EXIT_CODE = 42
 
@@ -96,8 +104,6 @@ def _check_vocab(source, model_config, path: str) -> None:
 
 
 def _check_batch(cfg: RunConfig, mesh, batch_sharding) -> None:
-    from lt_jax.model import sharding as shd
-
     axes = batch_sharding.spec[0] or ()
     shards = shd.axes_size(mesh, axes)
     micro = cfg.train.global_batch // cfg.train.grad_accum
@@ -110,8 +116,6 @@ def _check_batch(cfg: RunConfig, mesh, batch_sharding) -> None:
 
 def resolve_model_config(cfg: RunConfig, resume_dir: Optional[str], resume_step: Optional[int]):
     """The ModelConfig of this run: from the resumed checkpoint, the init checkpoint, or the YAML."""
-    from lt_jax.train import checkpoint as ckpt
-
     if resume_step is not None:
         return cfg.model_config(ckpt.load_model_config(resume_dir, resume_step), source=resume_dir)
     if cfg.train.init_from:
@@ -121,10 +125,6 @@ def resolve_model_config(cfg: RunConfig, resume_dir: Optional[str], resume_step:
 
 def initial_params(cfg: RunConfig, model_config, mesh):
     """(graphdef, params) for a fresh run: `train.init_from`'s weights or a random init."""
-    from lt_jax.model import transformer as tfm
-    from lt_jax.train import checkpoint as ckpt
-    from lt_jax.train import step as st
-
     if cfg.train.init_from:
         runtime = {k: getattr(model_config, k) for k in ("param_dtype", "compute_dtype", "remat", "attention", "max_segments")}
         model = ckpt.load_model_checkpoint(cfg.train.init_from, mesh=mesh, **runtime)
@@ -134,16 +134,6 @@ def initial_params(cfg: RunConfig, model_config, mesh):
 
 
 def setup(cfg: RunConfig, printer=print, accept_config_changes: bool = False) -> Run:
-    import jax
-
-    from lt_jax.data import loader as loader_lib
-    from lt_jax.data.source import TokenizedSource
-    from lt_jax.model import sharding as shd
-    from lt_jax.model import transformer as tfm
-    from lt_jax.train import checkpoint as ckpt
-    from lt_jax.train import distributed, metrics, optim
-    from lt_jax.train import step as st
-
     mesh = shd.make_mesh(cfg.mesh)
     batch_sharding = loader_lib.batch_sharding(mesh)
     _check_batch(cfg, mesh, batch_sharding)
@@ -154,8 +144,6 @@ def setup(cfg: RunConfig, printer=print, accept_config_changes: bool = False) ->
     )
     resume = checkpointer.latest_step()
     if resume is not None:  # before any restore: a refused change costs nothing
-        from lt_jax.train.resume_check import check_resume
-
         stored = checkpointer.run_config(resume).get("run", {})
         for line in check_resume(stored, cfg, accept=accept_config_changes, where=f"{cfg.checkpoint_dir} step {resume}"):
             printer(f"resuming with a changed config: {line}", flush=True)
@@ -203,12 +191,8 @@ def setup(cfg: RunConfig, printer=print, accept_config_changes: bool = False) ->
 
 def _extra_sinks(cfg: RunConfig, model_config) -> list:
     """Metric sinks beside the console, JSONL and TensorBoard: W&B when `logging.wandb` (process 0)."""
-    from lt_jax.train import distributed
-
     if not (cfg.logging.wandb and distributed.is_primary()):
         return []
-    from lt_jax.train.wandb_logger import WandbLogger
-
     lg = cfg.logging
     return [WandbLogger(cfg.train.output_dir, project=lg.wandb_project, name=lg.wandb_name, entity=lg.wandb_entity,
                         config={**to_dict(cfg), "model": to_dict(model_config)})]
@@ -222,8 +206,6 @@ class Preemption:
     """SIGTERM -> a flag (one process); JAX's preemption sync point (several processes)."""
 
     def __init__(self):
-        import jax
-
         self.multi = jax.process_count() > 1
         self.flag = False
         self._old = None
@@ -235,8 +217,6 @@ class Preemption:
 
     def reached(self, step: int) -> bool:
         if self.multi:
-            from jax.experimental import multihost_utils
-
             return multihost_utils.reached_preemption_sync_point(step)
         return self.flag
 
@@ -255,8 +235,6 @@ def save(run: Run) -> None:
 
 def evaluate(run: Run) -> dict[str, float]:
     """Mean NLL per target token over the eval set (or its first `data.eval_batches` batches)."""
-    import jax
-
     run.eval_loader.set_state({**run.eval_loader.get_state(), "epoch": 0, "batch": 0})
     nll, count = 0.0, 0.0
     for i, batch in enumerate(run.eval_loader):
@@ -271,10 +249,6 @@ class Meter:
     """Turns per-step device metrics into per-step records and interval throughput."""
 
     def __init__(self, run: Run):
-        import jax
-
-        from lt_jax.train import metrics
-
         self.run, self.pending, self.written = run, [], []  # written: records of this interval already on disk
         self.devices = jax.device_count()
         self.peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind, run.cfg.logging.peak_flops_per_device)
@@ -301,8 +275,6 @@ class Meter:
 
     def record(self, extra: dict[str, dict] | None = None) -> None:
         """Writes every waiting step's record now (before a checkpoint commits, so a kill loses none)."""
-        import jax
-
         if not self.pending:
             return
         fetched = jax.device_get([m for _, m in self.pending])
@@ -313,8 +285,6 @@ class Meter:
 
     def first_step(self, step: int) -> None:
         """Step 1 of this process compiles: its time is logged as compile time, outside the throughput."""
-        import jax
-
         jax.block_until_ready(self.pending[-1][1])
         seconds = time.perf_counter() - self.t0
         self.record({step: {"compile_time_s": seconds}})
@@ -330,10 +300,6 @@ class Meter:
             self.flush(step)
 
     def flush(self, step: int) -> None:
-        import jax
-
-        from lt_jax.train import metrics
-
         fetched = jax.device_get([m for _, m in self.pending])
         records = self.written + list(fetched)
         elapsed = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
@@ -358,8 +324,6 @@ class Meter:
 
 def loop(run: Run, preemption: "Preemption") -> int:
     """Trains from `run.start_step` to `run.total_steps`; returns the process exit status."""
-    import jax
-
     step = run.start_step
     meter = Meter(run)
     if preemption.reached(step):  # signalled during setup: nothing new to save
@@ -433,8 +397,6 @@ def log_eval(run: Run, step: int) -> None:
 
 def describe(run: Run) -> None:
     """The run's plan, printed once by process 0."""
-    import jax
-
     cfg, mc = run.cfg, run.model_config
     stats = run.loader.stats(run.loader.epoch)
     w = run.writer.text
@@ -452,8 +414,6 @@ def describe(run: Run) -> None:
     else:
         w(f"started from {cfg.train.init_from or 'random init (seed %d)' % cfg.train.seed}")
     if jax.process_index() == 0:
-        import yaml
-
         text = yaml.safe_dump({**to_dict(cfg), "model": to_dict(mc)}, sort_keys=False)
         storage.write_text(storage.join(cfg.train.output_dir, "config.yaml"), text)
         # Each start and resume keeps its own copy, so a run's config history is never overwritten.
@@ -488,53 +448,4 @@ def train(cfg: RunConfig, printer=print, accept_config_changes: bool = False, ho
             preemption.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: lt-jax train --config run.yaml [a.b=value ...]
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--config", required=True, help="run YAML (see configs/); local or gs://")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.lr=1e-5")
-    parser.add_argument("--coordinator", default=None, help="multi-host: coordinator HOST:PORT (process 0's)")
-    parser.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
-    parser.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
-    parser.add_argument("--accept-config-changes", action="store_true",
-                        help="resume even though the config differs from the checkpoint's (the changes are printed)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from lt_jax.train import distributed
-
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    _quiet_libraries()
-    cfg = load_run_config(args.config, args.overrides)
-    return train(cfg, accept_config_changes=getattr(args, "accept_config_changes", False))
-
-
-def _quiet_libraries() -> None:
-    import jax
-
-    level = logging.INFO if jax.process_index() == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax", "grain", "etils", "fsspec", "gcsfs"):  # fsspec.caching: a line per read
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    except ImportError:
-        pass
-
-
-def main(argv=None) -> int:
-    """`python -m lt_jax.train.trainer ...`: the same as `lt-jax train ...` (handy in launch scripts)."""
-    parser = argparse.ArgumentParser(prog="lt_jax.train.trainer", description=__doc__.splitlines()[0])
-    add_arguments(parser, "train")
-    return run(parser.parse_args(argv))
-
-
-__all__ = ["train", "setup", "loop", "evaluate", "Hook", "default_hooks", "PREEMPTED_EXIT_CODE", "add_arguments", "run"]
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["train", "setup", "loop", "evaluate", "Hook", "default_hooks", "PREEMPTED_EXIT_CODE"]

@@ -29,7 +29,7 @@ class WandbLogger:
     def __init__(self, output_dir: str, *, project: str, name: Optional[str] = None, entity: Optional[str] = None,
                  config: Optional[dict[str, Any]] = None):
         try:
-            import wandb
+            import wandb  # optional extra (lt_jax[wandb]): only runs with logging.wandb need it
         except ImportError as e:
             raise ImportError("logging.wandb needs the wandb package: pip install 'lt_jax[wandb]' (or pip install "
                               "wandb), or set logging.wandb=false") from e

@@ -201,7 +201,7 @@ def test_gcs_reads_do_not_flood_the_console():
 
     saved = {name: logging.getLogger(name).level for name in ("", "fsspec", "fsspec.caching", "gcsfs")}
     try:
-        trainer._quiet_libraries()
+        train_cli.quiet_libraries()
         logging.getLogger().setLevel(logging.INFO)  # what basicConfig(level=INFO) gives process 0 outside pytest
         assert not logging.getLogger("fsspec.caching").isEnabledFor(logging.INFO)
         assert not logging.getLogger("gcsfs").isEnabledFor(logging.INFO)
