@@ -17,6 +17,8 @@ from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
+from lt_jax import storage
+
 T = TypeVar("T")
 
 # The one list of a pipeline YAML's top-level sections that belong to stages other than training:
@@ -99,8 +101,6 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load_yaml(path: str) -> dict[str, Any]:
     """Reads a YAML mapping from a local or gs:// path."""
-    from lt_jax import storage
-
     try:
         data = yaml.safe_load(storage.read_text(path))
     except yaml.YAMLError as e:

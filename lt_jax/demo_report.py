@@ -11,6 +11,8 @@ import io
 import json
 from typing import Optional, Sequence
 
+import numpy as np
+
 from lt_jax import storage
 
 
@@ -71,8 +73,7 @@ def accuracy_by_level(summary_path: str, benchmark: str = "heldout") -> dict[str
 
 
 def _figure_bytes(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
@@ -81,10 +82,10 @@ def _figure_bytes(fig) -> bytes:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg")
 
     return plt
 
@@ -115,8 +116,6 @@ def accuracy_png(acc: dict[str, dict[str, float]]) -> bytes:
 
     Labels sit on every bar, so a value of 0.5% is still readable next to one of 60%.
     """
-    import numpy as np
-
     plt = _pyplot()
     groups = list(dict.fromkeys(g for per_run in acc.values() for g in per_run))
     fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(groups) + 3), 4.2))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -37,9 +38,14 @@ import time
 from typing import Any, Optional
 
 import yaml
+from absl import logging as absl_logging
 
+from lt_jax import cli, demo_report, storage
 from lt_jax import config as config_lib
-from lt_jax import demo_report, storage
+from lt_jax.data import jsonl, tiny_tokenizer
+from lt_jax.model.transformer import init_model
+from lt_jax.train import checkpoint
+from lt_jax.train.config import load_run_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +82,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _quiet_libraries() -> None:
     """Orbax and absl log every checkpoint operation at INFO; the demo's story is the stage output."""
-    import logging
-
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in ("absl", "orbax", "jax", "grain"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -171,8 +173,6 @@ class Demo:
 
         `counts` = (input, output) paths whose records the closing table reports.
         """
-        from lt_jax import cli
-
         print(f"\n=== {title}\n$ lt-jax {command} {' '.join(argv)}", flush=True)
         started = time.time()
         status = cli.main([command, *argv])
@@ -191,8 +191,6 @@ class Demo:
 
     def fit_tokenizer(self) -> None:
         """Step 4: a BPE over the distilled prompts and responses (skipped when already there)."""
-        from lt_jax.data import jsonl, tiny_tokenizer
-
         out = self.paths["tokenizer"]
         print(f"\n=== 4. tokenizer: byte-level BPE, {self.cfg.tokenizer_vocab} tokens, fitted to the distilled text -> {out}")
         if storage.exists(storage.join(out, "tokenizer.json")):
@@ -221,10 +219,6 @@ class Demo:
 
     def save_untrained(self, train_yaml: str) -> None:
         """The model before SFT (the same init seed `train` starts from), for the 'before' eval."""
-        from lt_jax.model.transformer import init_model
-        from lt_jax.train import checkpoint
-        from lt_jax.train.config import load_run_config
-
         if storage.exists(self.paths["init"]) and checkpoint.all_steps(self.paths["init"]):
             return
         cfg = load_run_config(train_yaml)

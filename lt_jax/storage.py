@@ -9,6 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from typing import IO, Iterator
 
 import fsspec
@@ -33,10 +37,6 @@ _reachable: set[str] = set()  # endpoints that answered (a failure is probed aga
 
 def _probe(endpoint: str, bucket: str) -> str | None:
     """None when `endpoint` answers HTTP at all (any status: auth is checked later), else the error."""
-    import time
-    import urllib.error
-    import urllib.request
-
     error = "no answer"
     for attempt in range(PROBE_TRIES):
         if attempt:
@@ -161,8 +161,6 @@ def local_folder(path: str, prefix: str = "lt_jax_") -> str:
     """`path` itself when local; a gs:// (or other remote) folder copied into a new temporary folder."""
     if not is_remote(path):
         return str(path)
-    import tempfile
-
     return download_dir(path, tempfile.mkdtemp(prefix=prefix))
 
 

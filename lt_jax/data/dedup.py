@@ -27,6 +27,11 @@ import re
 import unicodedata
 from typing import Any, Iterable, Sequence
 
+from datasketch import MinHash, MinHashLSH
+
+from lt_jax import storage
+from lt_jax.data import formats
+
 _SPACING = re.compile(r"\\(?:[,;:! ]|(?:quad|qquad|enspace|thinspace|medspace|thickspace)(?![a-zA-Z]))")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])")
 _FRAC = re.compile(r"\\[dt]frac(?![a-zA-Z])")
@@ -110,8 +115,6 @@ class NearDuplicates:
     num_perm: int = 128
 
     def __post_init__(self) -> None:
-        from datasketch import MinHashLSH
-
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], got {self.threshold}")
         self._lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
@@ -119,8 +122,6 @@ class NearDuplicates:
 
     def add(self, key: Any, text: str) -> tuple[Any, float] | None:
         """Indexes `text` unless it is a near duplicate; then returns (earlier key, Jaccard)."""
-        from datasketch import MinHash
-
         sh = frozenset(shingles(tokens(text), self.ngram))
         if not sh:
             return None
@@ -171,8 +172,6 @@ def load_benchmark(spec: str) -> list[BenchItem]:
     Without FIELD, the first of problem, question, prompt, context, instruction, query present in
     a row is used. The benchmark name is "<parent folder>/<file name>".
     """
-    from lt_jax.data import formats
-
     path, field = _split_spec(spec)
     items: list[BenchItem] = []
     for file in _bench_files(path):
@@ -197,9 +196,6 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _bench_files(path: str) -> list[str]:
-    from lt_jax import storage
-    from lt_jax.data import formats
-
     if not storage.isdir(path):
         return [path]
     found = sorted(storage.filesystem(path).find(str(path)))  # recursive; object stores drop the scheme

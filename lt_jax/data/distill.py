@@ -38,6 +38,8 @@ import random
 import time
 from typing import Any, Iterator, Literal
 
+from tqdm import tqdm
+
 from lt_jax import config, sampling, storage
 from lt_jax.data import formats, jsonl
 
@@ -196,7 +198,7 @@ class RateLimiter:
 
 def classify(error: BaseException) -> tuple[str, bool]:
     """(error type, retryable) for an exception raised by one request."""
-    import openai
+    import openai  # 0.8 s to import; grade reaches this module (its judge) and must start fast
 
     if isinstance(error, (asyncio.TimeoutError, openai.APITimeoutError)):
         return "timeout", True
@@ -412,7 +414,7 @@ class Tally:
 
 
 def _client(cfg: DistillConfig):
-    import openai
+    import openai  # 0.8 s to import; grade reaches this module (its judge) and must start fast
 
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     if not key and cfg.api_key_env:
@@ -422,8 +424,6 @@ def _client(cfg: DistillConfig):
 
 async def distill_async(cfg: DistillConfig) -> dict[str, Any]:
     """Runs (or resumes) a distillation; returns the summary (also written beside the output)."""
-    from tqdm import tqdm
-
     problems = read_problems(cfg.input, cfg.id_field, cfg.problem_field, cfg.answer_field,
                              cfg.keep_fields)[: cfg.limit]
     existing = scan_output(cfg.output, cfg.retry_failed, cfg.model)

@@ -12,7 +12,6 @@ from lt_jax import config
 from lt_jax.data import jsonl
 from lt_jax.data.distill import DistillConfig, distill_async, format_summary
 
-
 _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("input", dict(help="problems: JSONL (.gz) or Parquet, local or gs://")),
     ("output", dict(help="responses.jsonl (local or gs://); appended, resumable")),

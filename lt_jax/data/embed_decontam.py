@@ -37,10 +37,10 @@ class Embedder:
 
     def __init__(self, cfg: EmbedderConfig):
         try:
-            import torch  # noqa: F401
+            import torch  # noqa: F401  (optional: a test extra, not a dependency)
         except ImportError:
             raise ImportError("embedding decontamination runs the encoder with PyTorch: pip install torch") from None
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # with torch, only for embedding decontamination
 
         self.cfg = cfg
         local = storage.local_folder(cfg.path, prefix="lt_jax_embed_")
@@ -49,7 +49,7 @@ class Embedder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """[len(texts), dim] float32 rows of unit length."""
-        import torch
+        import torch  # optional: a test extra, not a dependency
 
         out = []
         for start in range(0, len(texts), self.cfg.batch_size):

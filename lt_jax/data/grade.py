@@ -28,17 +28,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import multiprocessing as mp
 import statistics
 import sys
 import time
 from collections import Counter, defaultdict
 from typing import Any, Iterable, Iterator, Literal
 
+from tqdm import tqdm
+
 from lt_jax import storage
-from lt_jax.data import formats, jsonl, verify
+from lt_jax.data import code_verify, formats, jsonl, judge_verify, verify
 from lt_jax.data.code_verify import CodeVerifyConfig
-from lt_jax.data.judge_verify import JudgeVerifyConfig
 from lt_jax.data.jsonl import DropLog
+from lt_jax.data.judge_verify import JudgeVerifyConfig
 
 GRADE_FIELDS = ("verdict", "extracted_answer", "score", "domain", "response_tokens")
 
@@ -142,8 +145,6 @@ def _load_tokenizer(path: str | None) -> Any:
 def _init_worker(tokenizer_path: str | None, parse_timeout_s: int, verify_timeout_s: int,
                  code: CodeVerifyConfig = CodeVerifyConfig(), judge: JudgeVerifyConfig = JudgeVerifyConfig()) -> None:
     global _TOKENIZER
-    from lt_jax.data import code_verify, judge_verify
-
     verify.MATH_OPTIONS = verify.MathVerifyOptions(parse_timeout_s, verify_timeout_s)
     code_verify.CODE_OPTIONS = code
     judge_verify.configure(judge)
@@ -233,8 +234,6 @@ def _last_occurrence(path: str, cfg: GradeConfig) -> dict[tuple[str, int], tuple
 
 def done_keys(path: str) -> set[tuple[str, int]]:
     """Pairs already present in a (possibly partial) graded file."""
-    from lt_jax import storage
-
     if not storage.exists(path):
         return set()
     jsonl.repair_tail(path)
@@ -291,8 +290,6 @@ def grade_file(in_path: str, out_path: str, cfg: GradeConfig, stats_path: str | 
 
 def _prefetched(works: Iterator[_Work], judge: JudgeVerifyConfig) -> Iterator[_Work]:
     """The works unchanged; chunk by chunk, their judge calls are first asked concurrently into the cache."""
-    from lt_jax.data import judge_verify
-
     if not judge.configured:
         yield from works
         return
@@ -308,8 +305,6 @@ def _prefetched(works: Iterator[_Work], judge: JudgeVerifyConfig) -> Iterator[_W
 
 
 def _run(items: Iterator[tuple[_Work, dict[str, float]]], workers: int, init: tuple, progress: bool) -> Iterator[dict[str, Any]]:
-    from tqdm import tqdm
-
     bar = tqdm(desc="grade", unit="resp", disable=not progress, file=sys.stderr)
     if workers == 1:
         _init_worker(*init)
@@ -320,8 +315,6 @@ def _run(items: Iterator[tuple[_Work, dict[str, float]]], workers: int, init: tu
         finally:  # this process's verifiers back to their defaults (the math re-check unregistered)
             _init_worker(None, 5, 5)
     else:
-        import multiprocessing as mp
-
         # spawn: fork would copy gcsfs / tokenizer threads mid-state.
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init) as pool:
             for row in pool.imap(_grade_star, items, chunksize=8):

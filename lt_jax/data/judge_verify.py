@@ -31,7 +31,8 @@ import threading
 from typing import Any
 
 from lt_jax.config import ConfigError
-from lt_jax.data import verify
+from lt_jax.data import distill, formats, verify
+from lt_jax.data.distill import DistillConfig
 from lt_jax.data.verdicts import fill, parse_verdict
 from lt_jax.data.verify import Verdict, register_verifier
 
@@ -73,8 +74,6 @@ class JudgeVerifyConfig:
 
     def distill_config(self) -> Any:
         """The same traffic policy `lt-jax distill` runs under, pointed at the judge."""
-        from lt_jax.data.distill import DistillConfig
-
         return DistillConfig(
             input="", output="", base_url=str(self.base_url), model=str(self.model), api_key_env=self.api_key_env,
             concurrency=self.concurrency, requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
@@ -87,8 +86,6 @@ class JudgeVerifyConfig:
 
 
 def _body(text: str | None) -> str:
-    from lt_jax.data import formats
-
     return formats.split_thinking(text)[1] if isinstance(text, str) else ""
 
 
@@ -160,8 +157,6 @@ class JudgeClient:
     """Asks the judge one prompt at a time (cache first), on a private event loop."""
 
     def __init__(self, cfg: JudgeVerifyConfig):
-        from lt_jax.data import distill
-
         self.cfg = cfg
         self.cache = JudgeCache(cfg.cache)
         self.loop = asyncio.new_event_loop()

@@ -26,10 +26,15 @@ import hashlib
 import logging
 from typing import Any, Iterator, Optional, Sequence
 
+import grain
+import jax
 import numpy as np
+from absl import flags
 
 from lt_jax.data import packing
 from lt_jax.data.config import DataConfig
+from lt_jax.data.source import TokenizedSource
+from lt_jax.model import sharding as shd
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +228,10 @@ class Loader:
         return local if self.sharding is None else self.to_global(local)
 
     def to_global(self, local: dict[str, np.ndarray]) -> dict[str, Any]:
-        import jax
-
         shape = (self.options.global_batch, self.options.seq_len)
         return {k: jax.make_array_from_process_local_data(self.sharding, local[k], shape) for k in BATCH_KEYS}
 
     def _dataset(self, epoch: int, start: int):
-        import grain
-
         reader = _BatchReader(self.source, self.plan(epoch), self.options, self.rows, start)
         ds = grain.MapDataset.source(reader).to_iter_dataset(
             # grain wants the buffer at least as deep as the thread count.
@@ -260,23 +261,17 @@ class Loader:
 
 def _absl_flags_parsed() -> None:
     # grain's worker start-up reads absl flags; outside an absl app nobody has parsed them.
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
 def batch_sharding(mesh):
     """Rows over the mesh's batch axes, sequence unsharded (the model's act_batch / act_seq rules)."""
-    from lt_jax.model import sharding as shd
-
     return shd.logical_to_sharding(("act_batch", "act_seq"), mesh)
 
 
 def open_loader(path: str, options: LoaderOptions, mesh=None, state: Optional[dict] = None) -> Loader:
     """A Loader over the tokenized folder at `path` (local or gs://)."""
-    from lt_jax.data.source import TokenizedSource
-
     return Loader(TokenizedSource(path), options, None if mesh is None else batch_sharding(mesh), state)
 
 

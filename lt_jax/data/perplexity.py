@@ -19,9 +19,17 @@ import math
 import time
 from typing import Any, Iterator, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from lt_jax import storage
 from lt_jax.data import formats, jsonl
+from lt_jax.data.packing import pack_rows, plan_packing
+from lt_jax.data.tokenizers import load_tokenizer
+from lt_jax.model import hf
+from lt_jax.model import sharding as shd
 from lt_jax.model.sharding import MeshConfig
 
 
@@ -56,13 +64,6 @@ class Scorer:
     """A loaded model and tokenizer with one compiled step: packed rows -> per-token NLL."""
 
     def __init__(self, cfg: PerplexityConfig):
-        import jax
-        from flax import nnx
-
-        from lt_jax.data.tokenizers import load_tokenizer
-        from lt_jax.model import hf
-        from lt_jax.model import sharding as shd
-
         self.cfg = cfg
         self.mesh = shd.make_mesh(cfg.mesh)
         with jax.set_mesh(self.mesh):
@@ -74,8 +75,6 @@ class Scorer:
         self._step = jax.jit(_token_nll, static_argnums=0)
 
     def nll_rows(self, ids: np.ndarray, seg: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        import jax
-
         pad = (-len(ids)) % self.rows_multiple
         if pad:
             ids, seg, pos = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (ids, seg, pos))
@@ -86,8 +85,6 @@ class Scorer:
 
     def score(self, texts: list[str]) -> list[tuple[float | None, int]]:
         """(perplexity, scored tokens) per text; (None, 0) for a text of fewer than 2 tokens."""
-        from lt_jax.data.packing import pack_rows, plan_packing
-
         seq = self.cfg.seq_len
         toks = [np.asarray(self.tokenizer(t, add_special_tokens=False)["input_ids"][:seq], np.int32) for t in texts]
         lengths = np.array([len(t) for t in toks])
@@ -109,10 +106,6 @@ class Scorer:
 
 def _token_nll(graphdef, state, ids, seg, pos):
     """NLL of each next token [B, S-1]; 0 where the next token starts a new text or is padding."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     logits = nnx.merge(graphdef, state)(ids, positions=pos, segment_ids=seg)[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
@@ -146,8 +139,6 @@ def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 def score_file(in_path: str, out_path: str, cfg: PerplexityConfig, scorer: Scorer | None = None) -> dict[str, Any]:
     """Scores every record of `in_path` into `out_path`, resuming after the records already there."""
-    from lt_jax import storage
-
     start = time.time()
     done = 0
     if storage.exists(out_path):

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any, Iterator
 
 INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_init.py")
@@ -118,8 +119,6 @@ _local_slots = threading.Lock()
 @contextlib.contextmanager
 def claim_slot(cfg: SandboxConfig) -> Iterator[int]:
     """A uid no other sandbox on this machine uses right now (file locks work across processes)."""
-    import time
-
     os.makedirs(cfg.slot_dir, exist_ok=True)
     start = os.getpid() % cfg.slots  # spread processes over the pool
     while True:

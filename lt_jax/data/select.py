@@ -44,8 +44,10 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any, Iterator, Literal
 
+from lt_jax import config
 from lt_jax.config import ConfigError
 from lt_jax.data import dedup, formats, jsonl, quality, verify
+from lt_jax.data import embed_decontam as ed
 from lt_jax.data.grade import problem_key, problem_stats, whitespace_tokens
 from lt_jax.data.jsonl import DropLog
 
@@ -468,8 +470,6 @@ def by_domain(cands: list[Candidate], result: Plan) -> dict[str, dict[str, Any]]
 
 
 def _embedding_hits(cands: list[Candidate], items: list, cfg: SelectConfig) -> dict[str, dict[str, Any]]:
-    from lt_jax.data import embed_decontam as ed
-
     texts: dict[str, str] = {}
     for c in cands:
         texts.setdefault(c.key[0], c.problem)
@@ -483,8 +483,6 @@ def default_report_path(out_path: str) -> str:
 
 
 def _report(in_path, out_path, cfg, result: Plan, drops: DropLog, superseded: int, n_records: int, n_out: int, decon) -> dict[str, Any]:
-    from lt_jax import config
-
     dropped = Counter(result.counts())
     if superseded:
         dropped["superseded"] = superseded

@@ -48,6 +48,7 @@ import uuid
 from typing import Any, Sequence
 
 import numpy as np
+import tensorstore as ts
 
 from lt_jax import storage
 
@@ -119,8 +120,6 @@ def write_shard(
     inner_chunk: int = DEFAULT_INNER_CHUNK,
 ) -> None:
     """Writes one shard's three arrays under `path` (local or gs://), replacing what was there."""
-    import tensorstore as ts
-
     if len(input_ids) != len(loss_masks):
         raise ValueError(f"{path}: {len(input_ids)} token rows but {len(loss_masks)} mask rows")
     lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
@@ -175,8 +174,6 @@ def committed_shards(out: str) -> set[int]:
 
 
 def _open_specs(paths: Sequence[str], name: str, context: Any) -> list[Any]:
-    import tensorstore as ts
-
     spec = lambda p: {"driver": "zarr3", "kvstore": kvstore(storage.join(p, name)), "open": True}  # noqa: E731
     futures = [ts.open(spec(p), context=context, read=True) for p in paths]
     return [f.result() for f in futures]
@@ -184,8 +181,6 @@ def _open_specs(paths: Sequence[str], name: str, context: Any) -> list[Any]:
 
 def read_offsets(paths: Sequence[str], context: Any = None) -> list[np.ndarray]:
     """Every shard's record offsets, fetched concurrently (two small reads per shard)."""
-    import tensorstore as ts
-
     stores = _open_specs(paths, OFFSETS, context or ts.Context())
     reads = [s.read() for s in stores]
     return [np.asarray(r.result(), dtype=np.int64) for r in reads]
@@ -193,8 +188,6 @@ def read_offsets(paths: Sequence[str], context: Any = None) -> list[np.ndarray]:
 
 def open_arrays(paths: Sequence[str], context: Any = None) -> list[tuple[Any, Any]]:
     """(tokens, loss_mask) TensorStore handles for each shard, opened concurrently."""
-    import tensorstore as ts
-
     context = context or ts.Context()
     return list(zip(_open_specs(paths, TOKENS, context), _open_specs(paths, LOSS_MASK, context)))
 
@@ -205,8 +198,6 @@ def read_spans(arrays: dict[int, tuple[Any, Any]], spans: Sequence[tuple[int, in
     `arrays` maps a shard index to its (tokens, loss_mask) handles. TensorStore coalesces the
     byte ranges that a batch needs from one storage object.
     """
-    import tensorstore as ts
-
     with ts.Batch() as batch:
         futures = [(arrays[s][0][a:b].read(batch=batch), arrays[s][1][a:b].read(batch=batch)) for s, a, b in spans]
     return [(np.asarray(t.result()), np.asarray(m.result())) for t, m in futures]

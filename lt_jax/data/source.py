@@ -23,6 +23,7 @@ import threading
 from typing import Any, Sequence
 
 import numpy as np
+import tensorstore as ts
 
 from lt_jax import storage
 from lt_jax.data import shards as shards_lib
@@ -99,8 +100,6 @@ class TokenizedSource:
 
     def _ts_context(self) -> Any:
         if self._context is None:
-            import tensorstore as ts
-
             self._context = ts.Context({"cache_pool": {"total_bytes_limit": self.cache_bytes}} if self.cache_bytes else {})
         return self._context
 

@@ -12,6 +12,9 @@ import itertools
 import os
 from typing import Iterable
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 SYSTEM_PROMPT = "You are a careful assistant."
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -34,9 +37,6 @@ ADDED_TOKENS = ("<think>", "</think>")
 
 def build_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) -> str:
     """Trains a byte-level BPE on `texts` and saves a Hugging Face tokenizer folder to `out_dir`."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     # One token per digit, as Qwen2.5's own pre-tokenizer does: a merged "959" would hide the digits
     # that a digit-by-digit trace works with. Underscores (the traces' column padding) stay single

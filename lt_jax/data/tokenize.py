@@ -51,10 +51,14 @@ import tempfile
 from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
 
 from lt_jax import storage
 from lt_jax.config import ConfigError
+from lt_jax.data import formats
 from lt_jax.data import shards as shards_lib
+from lt_jax.data.jsonl import DropLog
 
 ROLES = ("system", "user", "assistant", "tool")
 # Record-length histogram bins: [0, 256), [256, 512), ..., [65536, 131072), [131072, inf).
@@ -158,8 +162,6 @@ class ChatEncoder:
     def __init__(self, tokenizer_dir: str, mask_method: str = "auto"):
         # The generic fast class loads tokenizer.json as is (what the manifest fingerprints), and unlike
         # AutoTokenizer it does not pull in torch through transformers' model configs.
-        from transformers import PreTrainedTokenizerFast
-
         self.tokenizer = tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
         template = tok.chat_template
         if not isinstance(template, str) or not template:
@@ -314,9 +316,6 @@ def run_shard(task: ShardTask, config: TokenizeConfig, settings: dict, encoder: 
 
 def _input_rows(path: str) -> Iterator[tuple[int, bytes | ReadDrop]]:
     """(row number, row as JSON bytes, or the reader's drop) in file order, via the shared reader."""
-    from lt_jax.data import formats
-    from lt_jax.data.jsonl import DropLog
-
     pending: list[tuple[int, ReadDrop]] = []
     drops = DropLog(on_error=lambda e: pending.append((e.line or 0, ReadDrop(e.reason, str(e).split(": ", 1)[-1]))))
     for file in formats.list_files(path):
@@ -395,8 +394,6 @@ def tokenize(
     on_shard_done: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Runs the whole stage (resuming finished shards) and returns the manifest it wrote."""
-    from tqdm import tqdm
-
     missing = [p for p in config.inputs if not storage.exists(p)]
     if missing:
         raise ConfigError(f"inputs: {', '.join(missing)} not found")

@@ -25,6 +25,8 @@ import re
 import string
 from typing import Any, Literal, Sequence
 
+import pyarrow.parquet as pq
+
 from lt_jax import storage
 
 Kind = Literal["math", "simpleqa", "safety", "sycophancy", "multiple_choice", "code"]
@@ -170,8 +172,6 @@ def _split_spec(spec: str) -> tuple[str, str]:
 def read_rows(path: str) -> list[tuple[int, Any]]:
     """(line or record number, record) pairs from a JSONL, JSON or Parquet file."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         with storage.open_file(path, "rb") as f:
             table = pq.read_table(f)
         return list(enumerate(table.to_pylist(), start=1))

@@ -18,6 +18,8 @@ import re
 import string
 from typing import Any, Sequence
 
+from lt_jax.data import verify
+
 from lt_jax.eval.answer import final_answer
 from lt_jax.eval.benchmarks import GPQA_WRONG, PROMPT, Item, correct_index, shuffled  # noqa: F401  (re-exported)
 
@@ -42,7 +44,6 @@ class ChoiceScorer:
     """Per sample: extracted letter, correct (`verify.passes` on the 0/1 score, domain multiple_choice)."""
 
     def score(self, items: Sequence[Item], completions: Sequence[Sequence[Any]]) -> list[list[dict]]:
-        from lt_jax.data import verify
         out = []
         for item, comps in zip(items, completions):
             n = len(item.meta.get("choices") or [])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from lt_jax.data import code_verify, verify
+
 from lt_jax.eval.answer import final_answer
 from lt_jax.eval.benchmarks import Item
 
@@ -19,14 +21,10 @@ PROMPT = ("{problem}\n\nSolve this in Python. Give the complete program, which r
 
 class CodeScorer:
     def __init__(self, cfg: Any = None, workers: int = 8):
-        from lt_jax.data import code_verify
-
         self.cfg = cfg or code_verify.CODE_OPTIONS
         self.workers = workers
 
     def score(self, items: Sequence[Item], completions: Sequence[Sequence[Any]]) -> list[list[dict]]:
-        from lt_jax.data import code_verify, verify
-
         jobs = [(final_answer(c), {"tests": it.meta.get("tests"), "language": it.meta.get("language")})
                 for it, comps in zip(items, completions) for c in comps]
         verdicts = iter(code_verify.verify_many(jobs, self.cfg, self.workers))

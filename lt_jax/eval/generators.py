@@ -14,6 +14,11 @@ import dataclasses
 import os
 from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
+import openai
+
+from lt_jax.sample import generate as gen
+from lt_jax.sample.engine import Engine
+
 from lt_jax.sampling import SamplingParams, derive_seed
 
 Message = dict[str, str]
@@ -112,8 +117,6 @@ class OpenAIChat:
     """A thread-pooled chat-completions client; one request per sample (exact per-sample usage)."""
 
     def __init__(self, cfg: EndpointConfig):
-        import openai
-
         self.cfg = cfg
         self._openai = openai
         self.client = openai.OpenAI(
@@ -215,9 +218,6 @@ class SamplerGenerator:
     def engine(self):
         """The engine, built once (its compiled steps are reused across benchmarks)."""
         if self._engine is None:
-            from lt_jax.sample import generate as gen
-            from lt_jax.sample.engine import Engine
-
             self._engine = Engine(self.model, gen.engine_config(self.sampler_config), self.mesh,
                                   gen.make_decoder(self.tokenizer, True))
         return self._engine
@@ -233,8 +233,6 @@ class SamplerGenerator:
     def generate_stream(self, prompts: list[list[Message]], n: int, params: SamplingConfig,
                         seeds: Sequence[int] | None = None) -> Iterator[tuple[int, list[Completion]]]:
         """(prompt index, its n completions) as each prompt's last sample finishes."""
-        from lt_jax.sample import generate as gen
-
         sp = SamplingParams(**{f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams)
                                if f.name != "n"}, n=n)
         engine = self.engine()

@@ -20,9 +20,12 @@ import json
 import logging
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
+from tqdm.auto import tqdm
+
 from lt_jax import config as config_lib
 from lt_jax import storage
 from lt_jax.data import formats, jsonl
+from lt_jax.data import verify
 from lt_jax.eval import choice, code_eval, report
 from lt_jax.eval.answer import final_answer  # noqa: F401  (re-exported)
 from lt_jax.eval.benchmarks import Benchmark, Item, load_benchmark
@@ -98,8 +101,6 @@ def vote_key(extracted: str | None) -> str | None:
     different forms stay separate votes (x=3 and 3). Falls back to the text without whitespace."""
     if extracted is None or not extracted.strip():
         return None
-    from lt_jax.data import verify
-
     try:
         parsed = verify.parse_gold(extracted)
     except Exception:  # math-verify / sympy on odd input: fall back to text
@@ -109,13 +110,9 @@ def vote_key(extracted: str | None) -> str | None:
 
 class MathScorer:
     def __init__(self, domain: str = "math"):
-        from lt_jax.data import verify
-
         self.verifier = verify.get_verifier(domain)
 
     def score(self, items: Sequence[Item], completions: Sequence[Sequence[Completion]]) -> list[list[dict]]:
-        from lt_jax.data import verify
-
         out = []
         for item, comps in zip(items, completions):
             row = []
@@ -248,8 +245,6 @@ def run_benchmark(
     progress: bool = True,
 ) -> tuple[dict[str, Any], list[dict]]:
     """`evaluate_benchmark` that also returns the per-problem records (slim: without texts)."""
-    from tqdm.auto import tqdm
-
     bench = bench.head(cfg.limit)
     n = samples_per_item(bench.kind, cfg)
     _check_run_meta(run_dir, fingerprint(generator.name, bench, cfg))

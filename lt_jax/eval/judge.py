@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lt_jax import storage
+
 from lt_jax.data.verdicts import _strip_thinking, fill, parse_verdict  # noqa: F401  (parse_verdict, fill re-exported)
 from lt_jax.eval import metrics
 from lt_jax.eval.benchmarks import Item
@@ -84,8 +86,6 @@ class JudgeConfig:
 
 
 def load_prompt(kind: str, prompt_dir: str | None = None) -> str:
-    from lt_jax import storage
-
     if kind not in LABELS:
         raise ValueError(f"no judge prompt for benchmark kind {kind!r}; judged kinds: {', '.join(LABELS)}")
     return storage.read_text(storage.join(prompt_dir or PROMPT_DIR, f"{kind}.txt"))

@@ -146,10 +146,10 @@ def _tokens(x: float | None) -> str:
 
 def plot_png(runs: dict[str, dict[str, dict[str, Any]]], lengths: dict[str, list[int]]) -> bytes:
     """Headline metric per benchmark and run (bars, std as error bars), and response-length histograms."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg")
 
     benches = list(dict.fromkeys(b for per_run in runs.values() for b in per_run))
     fig, (ax_bar, ax_len) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(benches) + 6), 5))

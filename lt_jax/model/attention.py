@@ -75,7 +75,7 @@ def platform() -> Platform:
     device = jax.devices()[0]
     cc = getattr(device, "compute_capability", None)  # "9.0" on CUDA; absent on ROCm
     try:
-        from jax._src.lib import cuda_versions
+        from jax._src.lib import cuda_versions  # jax-private, absent without CUDA: guarded
 
         cudnn = int(cuda_versions.cudnn_get_version()) if cuda_versions is not None else None
     except Exception:  # no CUDA plugin: no cuDNN
@@ -214,7 +214,7 @@ def _kv_offsets_use_query_heads() -> bool:
     correct either way, only slower.
     """
     try:
-        from jax._src.cudnn.fused_attention_stablehlo import _fix_seqlen_offsets
+        from jax._src.cudnn.fused_attention_stablehlo import _fix_seqlen_offsets  # jax-private: guarded
 
         with jax.ensure_compile_time_eval():
             lens = jnp.array([[1, 1]], jnp.int32)
@@ -253,7 +253,7 @@ def cudnn_attention(q, k, v, segment_ids, causal, scale, max_segments):
     documents attending to each other); it comes out NaN instead, so the loss says so at once.
     The loader guarantees this never happens in training (it checks each batch on the host).
     """
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # jax-private: a move breaks cuDNN only
 
     q, k, v, seqlens, offsets = cudnn_operands(q, k, v, segment_ids, max_segments)
     mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK

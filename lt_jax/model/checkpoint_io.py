@@ -15,10 +15,17 @@ local or gs://.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
 
 from lt_jax import storage
 from lt_jax.config import from_dict, to_dict
+from lt_jax.model import transformer as tfm
 from lt_jax.model.config import ModelConfig
 
 PARAMS = "params"
@@ -28,8 +35,6 @@ MODEL_CONFIG = "model_config"
 def checkpoint_manager(directory: str, *, max_to_keep: Optional[int] = None, read_only: bool = False, **options):
     """A CheckpointManager on `directory` (created unless `read_only`); other `options` go to
     `ocp.CheckpointManagerOptions` (save_interval_steps, enable_async_checkpointing, ...)."""
-    import orbax.checkpoint as ocp
-
     # Readers pass create=False rather than Orbax's read_only, which only adds log noise.
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, **options)
     return ocp.CheckpointManager(_orbax_path(directory), options=opts)
@@ -37,16 +42,11 @@ def checkpoint_manager(directory: str, *, max_to_keep: Optional[int] = None, rea
 
 def _orbax_path(directory: str) -> str:
     # Orbax wants absolute local paths; gs:// URLs pass through untouched.
-    import os
-
     return str(directory) if storage.is_remote(directory) else os.path.abspath(directory)
 
 
 def model_items(model) -> dict:
     """The `params` and `model_config` save args of `model`, for a trainer's Composite save."""
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
     return {
         PARAMS: ocp.args.StandardSave(nnx.state(model, nnx.Param).to_pure_dict()),
         MODEL_CONFIG: ocp.args.JsonSave(to_dict(model.config)),
@@ -59,8 +59,6 @@ def save_model_checkpoint(model, directory: str, step: int = 0) -> str:
     Every process must call this (arrays may be sharded across hosts); it returns when the
     checkpoint is complete on storage.
     """
-    import orbax.checkpoint as ocp
-
     manager = checkpoint_manager(directory)
     try:
         if step in manager.all_steps():
@@ -95,8 +93,6 @@ def resolve_step(manager, directory: str, step: Optional[int]) -> int:
 
 def load_model_config(directory: str, step: Optional[int] = None) -> ModelConfig:
     """The ModelConfig stored with a checkpoint step (latest by default)."""
-    import orbax.checkpoint as ocp
-
     manager = checkpoint_manager(directory, read_only=True)
     try:
         step = resolve_step(manager, directory, step)
@@ -110,13 +106,6 @@ def load_model_checkpoint(directory: str, step: Optional[int] = None, mesh=None,
     """A `Transformer` from a checkpoint step (latest by default), restored straight into the
     shardings `mesh` implies. `overrides` replace ModelConfig fields that do not change parameter
     shapes (param_dtype casts on restore, compute_dtype, remat, attention)."""
-    import dataclasses
-
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from lt_jax.model import transformer as tfm
-
     config = dataclasses.replace(load_model_config(directory, step), **overrides)
     abstract = tfm.abstract_model(config, mesh)
     target = nnx.state(abstract, nnx.Param).to_pure_dict()
@@ -134,8 +123,6 @@ def load_model_checkpoint(directory: str, step: Optional[int] = None, mesh=None,
 
 def _on_default_device(tree):
     """Abstract leaves without a sharding would make Orbax reuse the saved one; pin them to one device."""
-    import jax
-
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 

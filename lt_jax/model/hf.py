@@ -22,10 +22,15 @@ import logging
 import re
 from typing import Any, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from safetensors.numpy import save as save_safetensors
 
 from lt_jax import storage
 from lt_jax.model import families
+from lt_jax.model import transformer as tfm
 from lt_jax.model.config import ModelConfig, RopeScaling
 from lt_jax.model.families import FAMILIES
 from lt_jax.model.families.spec import EMBED_NAME, TIED_HEAD  # noqa: F401  (TIED_HEAD re-exported)
@@ -369,8 +374,6 @@ def _read_param(folder: SafetensorsFolder, m: TensorMap, shape: tuple, index, nu
 
 
 def _make_array(folder: SafetensorsFolder, m: TensorMap, leaf, num_layers: int):
-    import jax
-
     sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     dtype = np.dtype(leaf.dtype)
     blocks: dict[tuple, np.ndarray] = {}  # replicas of one block are read once
@@ -401,8 +404,6 @@ def load_hf(
     blocks in host memory until they are on device (make_array_from_callback needs them all), so
     peak host memory is about `max_workers` x the largest parameter's host-local share.
     """
-    from lt_jax.model import transformer as tfm
-
     param_dtype = dtype or "float32"
     config = read_config(path, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype, **overrides)
     if "eos_token_id" not in overrides:  # generation_config.json's EOS list ends generation too
@@ -441,9 +442,6 @@ def _ordered_entries(maps: Sequence[TensorMap], num_layers: int) -> list[tuple[s
 def _to_host(array, layer: Optional[int], transform, dtype: np.dtype) -> np.ndarray:
     """One parameter's HF block on the host: slice one layer on device, gather it (all processes),
     cast, lay out as HF does."""
-    import jax
-    from jax.experimental import multihost_utils
-
     if layer is not None:
         array = _take_layer(array, layer)
     if jax.process_count() > 1:
@@ -456,8 +454,6 @@ def _to_host(array, layer: Optional[int], transform, dtype: np.dtype) -> np.ndar
 
 @functools.cache
 def _layer_taker():
-    import jax
-
     # The layer index is traced: one compile per parameter shape, not one per layer.
     return jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False))
 
@@ -482,12 +478,6 @@ def save_hf(
     byte for byte, so the chat template is the one used in training. `generation` replaces the
     derived generation_config.json (see `generation_config`).
     """
-    import jax
-    import jax.numpy as jnp
-    from safetensors.numpy import save as save_safetensors
-
-    from lt_jax.model import transformer as tfm
-
     config = model.config
     params = tfm.flat_abstract_state(model)
     maps = _maps_for(config, params)
@@ -523,8 +513,6 @@ def save_hf(
             storage.write_bytes(storage.join(out_dir, name), storage.read_bytes(storage.join(tokenizer_dir, name)))
         written += tokenizer_files
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("lt_jax.save_hf")
     return written
 

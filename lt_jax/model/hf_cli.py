@@ -13,6 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+import jax
+
+from lt_jax.model.checkpoint_io import all_steps, load_model_checkpoint, save_model_checkpoint
+from lt_jax.model.hf import load_hf, save_hf
+from lt_jax.model.sharding import make_mesh, parse_mesh
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -55,23 +61,10 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def __getattr__(name: str):
-    # parse_mesh lives in lt_jax.model.sharding; still importable from here without importing jax early.
-    if name == "parse_mesh":
-        from lt_jax.model.sharding import parse_mesh
-
-        return parse_mesh
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def run(args: argparse.Namespace) -> int:
-    from lt_jax.model.sharding import make_mesh, parse_mesh
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lt_jax").setLevel(logging.INFO)
     if args.distributed:
-        import jax
-
         jax.distributed.initialize()
     mesh = make_mesh(parse_mesh(args.mesh))
     if args.command == "import-hf":
@@ -80,9 +73,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _import(args, mesh) -> int:
-    from lt_jax.model.hf import load_hf
-    from lt_jax.model.checkpoint_io import all_steps, save_model_checkpoint
-
     if args.step in all_steps(args.out):  # fail before reading a large model, not after
         raise FileExistsError(f"{args.out}: step {args.step} already exists; pick another --step or --out")
     model = load_hf(args.hf, mesh=mesh, dtype=args.dtype)
@@ -93,9 +83,6 @@ def _import(args, mesh) -> int:
 
 
 def _export(args, mesh) -> int:
-    from lt_jax.model.hf import save_hf
-    from lt_jax.model.checkpoint_io import load_model_checkpoint
-
     model = load_model_checkpoint(args.checkpoint, step=args.step, mesh=mesh)
     files = save_hf(
         model, args.out, tokenizer_dir=args.tokenizer, max_shard_bytes=args.max_shard_size, dtype=args.dtype

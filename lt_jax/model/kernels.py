@@ -13,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 from lt_jax.model import sharding as shd
 
@@ -85,9 +87,6 @@ def slice_kv_heads(k, v, kv_slice):
 @functools.lru_cache(maxsize=32)
 def splash_kernel(num_heads: int, seq_len: int, causal: bool, interpret: bool, shards: int = 1):
     """Splash over a row of `seq_len`, built for `shards` query shards (1 unless context-parallel)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
     one = sm.CausalMask((seq_len, seq_len)) if causal else sm.FullMask((seq_len, seq_len))
     block = min(512, seq_len // shards)
     sizes = sk.BlockSizes(
@@ -103,8 +102,6 @@ def splash_kernel(num_heads: int, seq_len: int, causal: bool, interpret: bool, s
 
 def splash_local(kernel, q, k, v, q_segment_ids, kv_segment_ids, scale):
     """One device's queries [b, s, hq, d] against k/v [b, t, hkv, d] through a `splash_kernel`."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-
     def one(q1, k1, v1, s1, t1):
         out = kernel((q1 * scale).swapaxes(0, 1), k1.swapaxes(0, 1), v1.swapaxes(0, 1),
                      segment_ids=sk.SegmentIds(q=s1, kv=t1))

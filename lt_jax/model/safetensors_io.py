@@ -18,7 +18,9 @@ import json
 import logging
 from typing import Any, Optional, Sequence
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from lt_jax import storage
 
@@ -38,8 +40,6 @@ class HFFormatError(ValueError):
 
 
 def _np_dtypes() -> dict[str, np.dtype]:
-    import ml_dtypes
-
     return {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
             "BF16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -118,8 +118,6 @@ class SafetensorsFolder:
         """`tensor[index]` for each (tensor name, index of one slice per dimension)."""
         if self.remote:
             return self._read_ranges(requests)
-        from safetensors import safe_open
-
         out = []
         for name, index in requests:
             file = self.tensors[name].file

@@ -29,6 +29,8 @@ from typing import Any, Optional, Sequence, Union
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lt_jax.config import ConfigError, from_dict
@@ -163,8 +165,6 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
     sizes = cfg.resolve(len(devices))
     names = tuple(sizes)
     shape = tuple(sizes.values())
-    from jax.experimental import mesh_utils
-
     if cfg.dcn_data > 1:
         grid = _hybrid_grid(sizes, devices, mesh_utils)
     else:
@@ -253,8 +253,6 @@ def state_shardings(state, mesh: Mesh, rules=None):
     `state` is an `nnx.State` (abstract or live); the result has the same structure, so it can be
     given to `jax.jit(out_shardings=...)` or read leaf by leaf.
     """
-    from flax import nnx
-
     def one(v):
         spec = logical_to_sharding(variable_logical_axes(v), mesh, rules)
         if len(spec.spec) != len(v.get_value().shape):
@@ -266,8 +264,6 @@ def state_shardings(state, mesh: Mesh, rules=None):
 
 def model_shardings(model, mesh: Mesh, rules=None) -> dict[str, NamedSharding]:
     """{"embed.embedding": NamedSharding, ...} for every parameter of an NNX model (live or abstract)."""
-    from flax import nnx
-
     flat = nnx.to_flat_state(nnx.state(model))
     return {
         ".".join(str(p) for p in path): logical_to_sharding(variable_logical_axes(v), mesh, rules)

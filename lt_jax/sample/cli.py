@@ -22,8 +22,7 @@ from typing import Any
 from lt_jax import storage
 from lt_jax.model.sharding import make_mesh, parse_mesh
 from lt_jax.sample.engine import EngineConfig
-from lt_jax.sample.generate import (Prompt, eos_token_ids, generate, generation_config_eos, load_model,
-                                    load_tokenizer)
+from lt_jax.sample.generate import Prompt, eos_token_ids, generate, generation_config_eos, load_model, load_tokenizer
 from lt_jax.sampling import SamplingParams
 
 

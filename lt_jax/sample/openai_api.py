@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Any
 
+from lt_jax.data.formats import split_thinking
 from lt_jax.sample.backends import GenRequest
 from lt_jax.sampling import SamplingError
 
@@ -309,8 +310,6 @@ def _held_suffix(buf: str, tag: str) -> int:
 
 def split_think(text: str) -> tuple[str | None, str]:
     """(reasoning or None, content) of a finished text: the data stages' rule (formats.split_thinking)."""
-    from lt_jax.data.formats import split_thinking
-
     return split_thinking(text)
 
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_kernel
+from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_kernel
 
 from lt_jax.model import sharding as shd
 from lt_jax.model import transformer as tfm
@@ -151,12 +153,8 @@ def pallas_decode(q, k_pages, v_pages, page_table, lengths, *, interpret: bool =
     q1 = q[:, 0] * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernels do not scale q
     w = page_table.shape[1]
     if backend == "tpu":
-        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_kernel
-
         block = max(b for b in (8, 4, 2, 1) if w % b == 0)
         return tpu_kernel(q1, k_pages, v_pages, lengths, page_table, pages_per_compute_block=block)
-    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_kernel
-
     block = max(b for b in (8, 4, 2, 1) if w % b == 0)
     splits = max(s for s in (16, 8, 4, 2, 1) if (w // block) % s == 0)
     return gpu_kernel(q1, k_pages, v_pages, page_table, lengths, pages_per_compute_block=block, k_splits=splits,

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from lt_jax.model import sharding as shd
 from lt_jax.model import transformer as tfm
@@ -513,8 +514,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
     the same host loop, so all of them decide the same stops)."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

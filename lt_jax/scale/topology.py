@@ -25,6 +25,9 @@ import os
 import re
 from typing import Optional
 
+import jax
+from jax.experimental import topologies
+
 GiB = 1024**3
 
 # device_kind substring (first match wins) -> HBM bytes per device.
@@ -157,16 +160,12 @@ def target_devices(target: Target) -> list:
     """Devices to build the mesh on for `target` (compile-only on TPU)."""
     if target.platform == "tpu":
         prepare_libtpu()
-        from jax.experimental import topologies
-
         kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
         return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology, **kwargs).devices)
     return _gpu_devices(target)
 
 
 def _gpu_devices(target: Target) -> list:
-    import jax
-
     try:
         gpus = jax.devices("gpu")
     except RuntimeError:

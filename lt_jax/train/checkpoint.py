@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
+import orbax.checkpoint as ocp
+
 from lt_jax.config import to_dict
 from lt_jax.model.checkpoint_io import (  # noqa: F401  (re-exported)
     MODEL_CONFIG,
@@ -57,9 +60,6 @@ class TrainCheckpointer:
     def save(self, state, *, model_config, loader_state: dict, run_config: dict) -> None:
         """Starts saving `state` (a TrainState) as step `state.step`; returns once arrays are copied
         off the devices, the write continues in the background (see `wait`)."""
-        import jax
-        import orbax.checkpoint as ocp
-
         step = int(jax.device_get(state.step))
         items = {
             PARAMS: ocp.args.StandardSave(state.params),
@@ -74,8 +74,6 @@ class TrainCheckpointer:
     def restore(self, step: int, target) -> tuple:
         """(TrainState, loader state, run config dict) of `step`; `target` is the abstract TrainState
         (ShapeDtypeStructs with shardings) the arrays are restored into."""
-        import orbax.checkpoint as ocp
-
         args = ocp.args.Composite(**{
             PARAMS: ocp.args.StandardRestore(target.params),
             OPT_STATE: ocp.args.StandardRestore(target.opt_state),
@@ -90,8 +88,6 @@ class TrainCheckpointer:
 
     def run_config(self, step: int) -> dict:
         """The run config stored with `step` (read alone, before any array is restored)."""
-        import orbax.checkpoint as ocp
-
         return self.manager.restore(step, args=ocp.args.Composite(**{RUN_CONFIG: ocp.args.JsonRestore()}))[RUN_CONFIG]
 
     def wait(self) -> None:

@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any, Literal, Optional, Sequence
 
 from lt_jax import config as config_lib
+from lt_jax import storage
 from lt_jax.config import ConfigError
 from lt_jax.data.config import DataConfig  # noqa: F401  (re-exported: the data stage owns it)
 from lt_jax.model.config import ModelConfig
@@ -176,8 +177,6 @@ class RunConfig:
 
     @property
     def checkpoint_dir(self) -> str:
-        from lt_jax import storage
-
         return self.checkpoint.dir or storage.join(self.train.output_dir, "checkpoints")
 
 

@@ -17,6 +17,8 @@ import logging
 import os
 from typing import Optional
 
+import jax
+
 log = logging.getLogger(__name__)
 
 
@@ -43,8 +45,6 @@ def initialize(
     timeout_s: int = 300,
 ) -> bool:
     """Starts JAX's distributed runtime when there is more than one process; True if it did."""
-    import jax
-
     explicit = coordinator is not None or num_processes is not None or process_id is not None
     detected = None if explicit else multiprocess_environment()
     if not explicit and detected is None:
@@ -66,8 +66,6 @@ def initialize(
 
 
 def is_primary() -> bool:
-    import jax
-
     return jax.process_index() == 0
 
 

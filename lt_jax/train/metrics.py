@@ -142,7 +142,7 @@ class MetricsWriter:
             self._rewrite_jsonl(start_step)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # 1.7 s to import; only runs with logging.tensorboard pay it
             except ImportError as e:
                 raise ImportError("logging.tensorboard needs the tensorboardX package: pip install tensorboardX, "
                                   "or set logging.tensorboard=false") from e

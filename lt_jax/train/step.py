@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lt_jax.model import sharding as shd
 from lt_jax.train import loss as loss_lib
@@ -153,8 +154,6 @@ def split_model(model) -> tuple[Any, Any]:
 def state_shardings(abstract_params, optimizer, mesh):
     """TrainState of NamedShardings: params as the model's rules say, Adam moments like their
     parameters, scalars replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sh = jax.tree.map(lambda x: x.sharding, abstract_params)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
