@@ -27,8 +27,6 @@ import re
 import unicodedata
 from typing import Any, Iterable, Sequence
 
-from datasketch import MinHash, MinHashLSH
-
 from lt_jax import storage
 from lt_jax.data import formats
 
@@ -115,6 +113,8 @@ class NearDuplicates:
     num_perm: int = 128
 
     def __post_init__(self) -> None:
+        from datasketch import MinHashLSH  # 1.3 s (scipy): only selects with dedup_near pay it
+
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], got {self.threshold}")
         self._lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
@@ -122,6 +122,8 @@ class NearDuplicates:
 
     def add(self, key: Any, text: str) -> tuple[Any, float] | None:
         """Indexes `text` unless it is a near duplicate; then returns (earlier key, Jaccard)."""
+        from datasketch import MinHash  # as in __post_init__
+
         sh = frozenset(shingles(tokens(text), self.ngram))
         if not sh:
             return None

@@ -71,7 +71,7 @@ class Scorer:
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.batch_sharding = shd.logical_to_sharding(("act_batch", None), self.mesh)
-        self.rows_multiple = math.prod(self.batch_sharding.mesh.shape[a] for a in _batch_axes(self.batch_sharding))
+        self.rows_multiple = shd.axes_size(self.mesh, self.batch_sharding.spec[0])
         self._step = jax.jit(_token_nll, static_argnums=0)
 
     def nll_rows(self, ids: np.ndarray, seg: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -111,13 +111,6 @@ def _token_nll(graphdef, state, ids, seg, pos):
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
     return jnp.where(same, nll, 0.0)
-
-
-def _batch_axes(sharding) -> tuple[str, ...]:
-    first = sharding.spec[0] if len(sharding.spec) else None
-    if first is None:
-        return ()
-    return (first,) if isinstance(first, str) else tuple(first)
 
 
 def _records(cfg: PerplexityConfig, path: str, skip: int, drops: jsonl.DropLog) -> Iterator[formats.Record]:

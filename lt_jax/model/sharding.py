@@ -303,10 +303,11 @@ def parse_mesh(text: str) -> MeshConfig:
 
 
 def axes_size(mesh, axes) -> int:
-    """Product of the sizes of mesh `axes` (a name, a tuple of names, or None for 1)."""
-    if axes is None:
+    """Product of the sizes of mesh `axes` (a name, a tuple of names, or None for 1); as in
+    `axis_size`, an axis the mesh lacks (and no mesh at all) counts 1."""
+    if mesh is None or axes is None:
         return 1
-    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    return math.prod(axis_size(mesh, a) for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def axis_size(mesh, name: str) -> int:

@@ -358,11 +358,7 @@ def model_mesh(model) -> Optional[jax.sharding.Mesh]:
 
 
 def _batch_shards(mesh) -> int:
-    if mesh is None:
-        return 1
-    spec = shd.logical_to_spec(("cache_batch",))[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
+    return shd.axes_size(mesh, shd.logical_to_spec(("cache_batch",))[0])
 
 
 class Plan(NamedTuple):

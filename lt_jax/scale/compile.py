@@ -267,9 +267,7 @@ def check(cfg, target, *, sampler: Optional[SampleShape] = None, train: bool = T
 
 def check_divisible(cfg, mesh) -> None:
     """Rows per micro-batch must split over the batch axes and rows over `context`; say which fields."""
-    shards = 1
-    for axis in ("dcn_data", "data", "fsdp"):
-        shards *= shd.axis_size(mesh, axis)
+    shards = shd.axes_size(mesh, ("dcn_data", "data", "fsdp"))
     micro = cfg.train.global_batch // cfg.train.grad_accum
     if micro % shards:
         raise ValueError(

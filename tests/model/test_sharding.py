@@ -46,6 +46,17 @@ def test_logical_to_spec_rules():
         shd.logical_to_spec(("heds",))
 
 
+def test_axes_size_counts_axes_the_mesh_lacks_as_one():
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
+    assert shd.axes_size(mesh, ("data", "fsdp")) == 4 and shd.axes_size(mesh, "tensor") == 2
+    assert shd.axes_size(mesh, None) == 1 and shd.axes_size(None, ("data", "fsdp")) == 1
+    # dcn_data and context only exist on meshes that use them (MeshConfig.axis_names)
+    assert "context" not in mesh.axis_names and "dcn_data" not in mesh.axis_names
+    assert shd.axes_size(mesh, ("dcn_data", "data", "context")) == 2
+    data_only = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    assert shd.axes_size(data_only, shd.logical_to_spec(("act_batch",))[0]) == 4  # ("data", "fsdp"): no fsdp
+
+
 def _expected_spec(logical_axes):
     """What the table says, read straight from LOGICAL_RULES (independent of logical_to_spec)."""
     table = dict(shd.LOGICAL_RULES)
