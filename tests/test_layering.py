@@ -39,6 +39,15 @@ LAYERS = (
 # Known upward imports, each owned by an open issue; remove a line when its import goes away.
 EXCEPTIONS: set[tuple[str, str]] = set()
 
+# lt_jax modules imported inside a function, by the module that does it: (importer, imported).
+# Library imports belong at the top; a deferred one needs a reason (a comment on its line, see
+# test_imports_inside_functions_say_why) and, for an lt_jax module, a line here.
+DEFERRED: set[tuple[str, str]] = {
+    ("lt_jax", "lt_jax.model.hf"),  # the package facade: `import lt_jax` stays free of jax
+    ("lt_jax", "lt_jax.sample.generate"),
+    ("lt_jax.data.grade", "lt_jax.data.tokenizers"),  # transformers, only when lengths count tokens
+}
+
 
 def modules() -> dict[str, str]:
     """{dotted module name: file path} of every module under lt_jax/."""
@@ -56,16 +65,39 @@ def imports(name: str, path: str, known: dict[str, str]) -> set[str]:
     package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
     found = set()
     for node in _runtime_nodes(ast.parse(open(path, encoding="utf-8").read(), path)):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([base] if base else []))
-            subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
-            found.update(subs if subs else [base])
-    return {m for m in found if m in known and m != name}
+        found |= _imported(node, package, known)
+    return found - {name}
+
+
+def _imported(node: ast.AST, package: str, known: dict[str, str]) -> set[str]:
+    """The lt_jax modules one import statement names (none for any other node)."""
+    found = set()
+    if isinstance(node, ast.Import):
+        found.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+            parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+            base = ".".join(parts + ([base] if base else []))
+        subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
+        found.update(subs if subs else [base])
+    return {m for m in found if m in known}
+
+
+def function_imports(path: str) -> list[ast.Import | ast.ImportFrom]:
+    """Import statements inside a function body of the file (TYPE_CHECKING blocks skipped)."""
+    found = []
+    for node in _runtime_nodes(ast.parse(open(path, encoding="utf-8").read(), path)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found += [n for n in _runtime_nodes(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return sorted({id(n): n for n in found}.values(), key=lambda n: n.lineno)
+
+
+def silent_imports(path: str) -> list[str]:
+    """`path:line: statement` of each import inside a function with no comment on its lines."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    return [f"{path}:{n.lineno}: {lines[n.lineno - 1].strip()}" for n in function_imports(path)
+            if not any("#" in line for line in lines[n.lineno - 1 : n.end_lineno])]
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -162,3 +194,25 @@ def test_import_graph_summary(capsys):
     for name in names:
         print(f"{name} -> {', '.join(sorted(by_layer[name])) or '(nothing)'}")
     assert sum(len(t) for t in edges.values()) > 100
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function carries its reason as a comment (optional dependency, heavy on a
+    path that must start fast, ...); one of an lt_jax module must also be listed in DEFERRED."""
+    known = modules()
+    silent = [line for path in known.values() for line in silent_imports(path)]
+    deferred = set()
+    for name, path in known.items():
+        package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        for node in function_imports(path):
+            deferred |= {(name, m) for m in _imported(node, package, known) if m != name}
+    assert silent == [], "move these imports to the top of their module, or say why on their line"
+    assert deferred - DEFERRED == set(), "an lt_jax module imported inside a function: import it at the top"
+    assert DEFERRED - deferred == set(), "no longer deferred: remove it from DEFERRED"
+
+
+def test_the_checker_sees_silent_function_imports(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import os\n\ndef f():\n    import json\n    from x import y  # optional\n    return os\n")
+    assert [n.lineno for n in function_imports(str(path))] == [4, 5]
+    assert silent_imports(str(path)) == [f"{path}:4: import json"]
