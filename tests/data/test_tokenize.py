@@ -396,7 +396,7 @@ def test_killed_process_resumes(tmp_path, qwen_tokenizer_dir):
     path = write_jsonl(str(tmp_path / "in.jsonl"), records)
     killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
     code = (
-        "import sys, argparse; from lt_jax.data import tokenize as t; p = argparse.ArgumentParser(); "
+        "import sys, argparse; from lt_jax.data import tokenize_cli as t; p = argparse.ArgumentParser(); "
         "t.add_arguments(p, 'tokenize'); sys.exit(t.run(p.parse_args(sys.argv[1:])))"
     )
     cmd = [sys.executable, "-c", code, "--in", path, "--tokenizer", qwen_tokenizer_dir, "--out", killed,
