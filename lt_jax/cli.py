@@ -1,9 +1,10 @@
 """`lt-jax`: one entry point, one subcommand per stage.
 
-Each subcommand lives in the module that owns its stage and exposes two functions:
-`add_arguments(parser, command)` and `run(args) -> int` (`args.command` names the subcommand, so
-one module can serve several). This file only lists them, so adding a stage
-never touches another stage's code.
+Each subcommand has a thin CLI module in the stage that owns it (lt_jax/train/cli.py,
+lt_jax/data/grade_cli.py, ...) with two functions: `add_arguments(parser, command)` and
+`run(args) -> int` (`args.command` names the subcommand, so one module can serve several); it
+parses and calls the stage's library. This file only lists them, so adding a stage never touches
+another stage's code.
 """
 
 from __future__ import annotations
