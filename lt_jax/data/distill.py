@@ -413,7 +413,8 @@ class Tally:
         self.completion_tokens += use.get("completion_tokens") or 0
 
 
-def _client(cfg: DistillConfig):
+def make_client(cfg: DistillConfig):
+    """The teacher endpoint's AsyncOpenAI client (SDK retries off: `Teacher` retries with backoff)."""
     import openai  # 0.8 s to import; grade reaches this module (its judge) and must start fast
 
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
@@ -432,7 +433,7 @@ async def distill_async(cfg: DistillConfig) -> dict[str, Any]:
     tally, start = Tally(), time.monotonic()
     bar = tqdm(total=total, initial=done, unit="sample", disable=not cfg.progress, dynamic_ncols=True,
                desc="distill")
-    teacher = Teacher(cfg, _client(cfg))
+    teacher = Teacher(cfg, make_client(cfg))
     work = ((p, k) for p in problems for k in range(cfg.n) if (p.id, k) not in existing.done)
 
     async def worker(writer: jsonl.JsonlWriter) -> None:

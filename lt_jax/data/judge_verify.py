@@ -160,7 +160,7 @@ class JudgeClient:
         self.cfg = cfg
         self.cache = JudgeCache(cfg.cache)
         self.loop = asyncio.new_event_loop()
-        self.teacher = distill.Teacher(cfg.distill_config(), distill._client(cfg.distill_config()))
+        self.teacher = distill.Teacher(cfg.distill_config(), distill.make_client(cfg.distill_config()))
         self.calls = self.hits = 0
 
     def ask(self, prompt: str) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from lt_jax.config import ConfigError, from_dict
 from lt_jax.model.config import ModelConfig
+from lt_jax.train import cli as train_cli
 from lt_jax.train import trainer
 from lt_jax.train.config import RunConfig, load_run_config
 
