@@ -4,7 +4,7 @@
     lt-jax compile --config run.yaml --gpu h100x8            (on a GPU node: its attached GPUs)
 
 Exit status: 0 fits with at least `--min-headroom`, 3 does not, 1 on errors.
-`python -m lt_jax.scale.cli ...` is the same as `lt-jax compile ...`.
+`python -m lt_jax.cli compile ...` is the same as `lt-jax compile ...`.
 """
 
 from __future__ import annotations
@@ -61,14 +61,3 @@ def run(args: argparse.Namespace) -> int:
         storage.write_text(args.out, json.dumps(report, indent=2, default=str) + "\n")
         print(f"report: {args.out}")
     return 0 if report["fits"] else NOT_FIT_EXIT_CODE
-
-
-def main(argv=None) -> int:
-    """`python -m lt_jax.scale.cli ...`: the same as `lt-jax compile ...`."""
-    parser = argparse.ArgumentParser(prog="lt_jax.scale.cli", description=__doc__.splitlines()[0])
-    add_arguments(parser, "compile")
-    return run(parser.parse_intermixed_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

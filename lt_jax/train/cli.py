@@ -1,7 +1,7 @@
 """`lt-jax train --config run.yaml [a.b=value ...]`: the command line of the training stage.
 
 Parses the flags, joins a multi-host job, quiets the libraries, and hands the run config to
-`lt_jax.train.trainer.train`. `python -m lt_jax.train.cli ...` is the same as `lt-jax train ...`
+`lt_jax.train.trainer.train`. `python -m lt_jax.cli train ...` is the same as `lt-jax train ...`
 (handy in launch scripts).
 """
 
@@ -42,14 +42,3 @@ def quiet_libraries() -> None:
     for noisy in ("absl", "orbax", "jax", "grain", "etils", "fsspec", "gcsfs"):  # fsspec.caching: a line per read
         logging.getLogger(noisy).setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)
-
-
-def main(argv=None) -> int:
-    """`python -m lt_jax.train.cli ...`: the same as `lt-jax train ...`."""
-    parser = argparse.ArgumentParser(prog="lt_jax.train.cli", description=__doc__.splitlines()[0])
-    add_arguments(parser, "train")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

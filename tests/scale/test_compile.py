@@ -47,9 +47,9 @@ def small_yaml(tmp_path):
 
 
 def _compile_cli(*argv, timeout=300):
-    """`python -m lt_jax.scale.cli ...` in a fresh process (libtpu stays out of this one)."""
+    """`python -m lt_jax.cli compile ...` in a fresh process (libtpu stays out of this one)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-    return subprocess.run([sys.executable, "-m", "lt_jax.scale.cli", *argv], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "lt_jax.cli", "compile", *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
