@@ -47,8 +47,9 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights used in matmuls per token (the LM head included, the embedding lookup not)."""
-    n = cfg.num_params(include_embeddings=False)
+    """Weights used in matmuls per token (the LM head included, the embedding lookup not; of a
+    mixture of experts, the experts a token is routed to)."""
+    n = cfg.num_params(include_embeddings=False, active=True)
     return n + (cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
 
 
