@@ -12,7 +12,7 @@ import pytest
 
 import jax
 
-from hf_models import hf_greedy
+from hf_models import hf_greedy, redrawn_from_config
 from lt_jax.model import hf, moe
 from lt_jax.model import transformer as tfm
 
@@ -24,7 +24,6 @@ VOCAB = 256
 
 def redrawn_moe(extra: dict, seed: int = 0):
     """A random-init Qwen3MoeForCausalLM with every weight redrawn (norms near 1, others ~N(0, 0.1))."""
-    import torch
     import transformers
 
     config = transformers.Qwen3MoeConfig(
@@ -32,12 +31,7 @@ def redrawn_moe(extra: dict, seed: int = 0):
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
         max_position_embeddings=256, router_aux_loss_coef=0.01, bos_token_id=None, eos_token_id=None, **extra,
     )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    return model
+    return redrawn_from_config(config, seed)
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +234,7 @@ def test_qwen2_moe_shared_expert_matches_transformers_and_exports(hfx, tmp_path)
         num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], max_position_embeddings=256,
         bos_token_id=None, eos_token_id=None,
     )
-    torch.manual_seed(0)
-    ref_model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in ref_model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    ref_model = redrawn_from_config(config)
     folder = str(tmp_path / "qwen2_moe")
     ref_model.save_pretrained(folder)
     model = hf.load_hf(folder)
