@@ -19,6 +19,7 @@ from lt_jax.model import transformer as tfm
 # 3 layers, 4 experts, top-2; layer 1 dense (mlp_only_layers). SPARSE_STEP: layers 0 and 2 dense.
 MAIN = dict(mlp_only_layers=[1], norm_topk_prob=False)
 SPARSE_STEP = dict(decoder_sparse_step=2, norm_topk_prob=True)
+ALL_SPARSE = dict(norm_topk_prob=True)  # the released checkpoints' layout: one stack, one scan
 VOCAB = 256
 
 
@@ -37,7 +38,7 @@ def redrawn_moe(extra: dict, seed: int = 0):
 @pytest.fixture(scope="module")
 def moe_folders(tmp_path_factory):
     out = {}
-    for name, extra in (("main", MAIN), ("sparse_step", SPARSE_STEP)):
+    for name, extra in (("main", MAIN), ("sparse_step", SPARSE_STEP), ("all_sparse", ALL_SPARSE)):
         model = redrawn_moe(extra)
         folder = str(tmp_path_factory.mktemp(f"hf_qwen3_moe_{name}"))
         model.save_pretrained(folder)
@@ -100,14 +101,15 @@ def test_param_count_and_active_flops(main_model):
     assert families.get("qwen3_moe").flops_per_token(cfg) == 6.0 * matmul
 
 
-@pytest.mark.parametrize("variant", ["main", "sparse_step"])
+@pytest.mark.parametrize("variant", ["main", "sparse_step", "all_sparse"])
 def test_logits_match_transformers_on_padded_rows(moe_folders, variant, hfx):
     folder, ref_model = moe_folders[variant]
     ids, lengths = _padded()
     ref = hfx.hf_logits(ref_model, ids, lengths)
     assert ref.std() > 0.1
     model = hf.load_hf(folder)
-    ours = np.asarray(model(ids, segment_ids=hfx.segment_ids(ids, lengths)))
+    assert (model.dense_layers is None) == (variant == "all_sparse")
+    ours = np.asarray(_jit(model)(ids, segment_ids=hfx.segment_ids(ids, lengths)))
     assert hfx.real_token_diff(ours, ref, lengths) < 1e-4
 
 
