@@ -54,6 +54,8 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("mlp", "tensor"),
     ("layers", None),  # the scanned axis: every device holds its slice of every layer
     ("norm", None),
+    ("experts", None),  # mixture of experts: the expert axis of stacked expert weights
+    ("moe_mlp", "tensor"),  # an expert's intermediate width
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_seq", None),
