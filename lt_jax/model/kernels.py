@@ -30,8 +30,48 @@ def make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal: 
     return mask
 
 
+# Causal self-attention over a row runs query block by query block, each block against only the
+# keys up to its own end: with 8 blocks the logits, mask, softmax and their gradients shrink to
+# 9/16 of the [S, S] square, and each block's tiles are small enough to stay in cache. Measured
+# fwd+bwd of one attention on one CPU core (b x s = 8 x 512, 4/2 heads of 16): 103 ms unchunked,
+# 41 ms with 8 blocks of 64, 52 ms with 16 blocks of 32, 57 ms with 4 blocks of 128.
+QUERY_BLOCKS = 8
+MIN_QUERY_BLOCK = 32
+
+
+def query_block(q_len: int, kv_len: int, causal: bool) -> int:
+    """The query block `xla_attention` uses (q_len when it runs unchunked: decode steps, queries
+    against a longer KV cache, non-causal attention, rows too short to gain)."""
+    block = max(MIN_QUERY_BLOCK, q_len // QUERY_BLOCKS)
+    if not causal or q_len != kv_len or q_len < 2 * block or q_len % block:
+        return q_len
+    return block
+
+
 def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale):
     """Reference attention: logits and softmax in fp32, products in the input dtype (as HF eager).
+
+    Causal self-attention (q and k/v the same row, as in training and a prefill from an empty
+    cache) runs in query blocks (`query_block`), each against the keys up to its end. That skips
+    only keys after the query in the row, which causal masking hides whenever positions rise along
+    each segment, as in packed rows and prompts; only padding (segment 0) queries, whose outputs no
+    loss or token reads, may then see fewer keys.
+    """
+    s, t = q.shape[1], k.shape[1]
+    block = query_block(s, t, causal)
+    if block == s:
+        return _attend(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale)
+    outs = [
+        _attend(q[:, i:i + block], k[:, :i + block], v[:, :i + block], q_segment_ids[:, i:i + block],
+                kv_segment_ids[:, :i + block], q_positions[:, i:i + block], kv_positions[:, :i + block],
+                causal, scale)
+        for i in range(0, s, block)
+    ]
+    return jnp.concatenate(outs, axis=1)
+
+
+def _attend(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale):
+    """All queries against all keys.
 
     GQA without repeating k/v: the g = Nq/Nkv query heads that share a kv head are stacked along
     the query axis, so both products are batched matmuls over (batch, kv head) with

@@ -3,6 +3,8 @@ against XLA with segment ids, and the cuDNN packed-layout offsets."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from packed_inputs import packed_qkv
 
 from lt_jax.model import sharding as shd
 from lt_jax.model.attention import attention, resolve_impl, segment_offsets, splash_attention
+from lt_jax.model.kernels import _attend, query_block, xla_attention
 
 
 def _packed_inputs(batch=4, seq=128, heads=4, kv_heads=2, dim=32, seed=0):
@@ -176,3 +179,31 @@ def test_xla_segments_are_isolated_forward_and_backward(causal):
     for g in grads:
         g = np.asarray(g)
         assert np.all(g[other] == 0) and np.any(g[b, lo:hi] != 0)
+
+
+def test_query_block_only_for_causal_self_attention_long_enough_to_gain():
+    assert query_block(512, 512, causal=True) == 64
+    assert query_block(64, 64, causal=True) == 32
+    for q_len, kv_len, causal in [(512, 512, False), (1, 512, True), (64, 512, True), (48, 48, True), (100, 100, True)]:
+        assert query_block(q_len, kv_len, causal) == q_len, (q_len, kv_len, causal)
+
+
+def test_causal_xla_runs_by_query_block_and_matches_the_full_square():
+    """Causal self-attention never builds the [S, S] logits (only each query block against the keys up
+    to its end) and agrees with the unchunked kernel, forward and backward, on every real token."""
+    q, k, v, seg, pos = _packed_inputs(batch=3, seq=256, heads=4, kv_heads=2, dim=8, seed=5)
+    real = jnp.asarray(seg > 0)
+
+    def loss(kernel, q, k, v):
+        out = kernel(q, k, v, seg, seg, pos, pos, True, 8**-0.5)
+        return jnp.sum(jnp.where(real[:, :, None, None], out, 0.0) ** 2), out
+
+    step = jax.value_and_grad(functools.partial(loss, xla_attention), argnums=(0, 1, 2), has_aux=True)
+    args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    largest = max(int(np.prod(var.aval.shape)) for eqn in jax.make_jaxpr(step)(*args).eqns for var in eqn.outvars)
+    assert largest <= 3 * 4 * 256 * 256 // 8, largest  # one block of 32 queries against all 256 keys
+    (_, out), grads = jax.jit(step)(*args)
+    (_, ref), ref_grads = jax.jit(jax.value_and_grad(functools.partial(loss, _attend), argnums=(0, 1, 2), has_aux=True))(*args)
+    np.testing.assert_allclose(np.asarray(out)[seg > 0], np.asarray(ref)[seg > 0], atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-4)
