@@ -287,13 +287,13 @@ def check_divisible(cfg, mesh) -> None:
     from lt_jax.model import sharding as shd
 
     shards = 1
-    for axis in ("dcn_data", "data", "fsdp"):
+    for axis in ("dcn_data", "data", "fsdp", "expert"):
         shards *= shd.axis_size(mesh, axis)
     micro = cfg.train.global_batch // cfg.train.grad_accum
     if micro % shards:
         raise ValueError(
             f"train.global_batch / train.grad_accum = {micro} rows per micro-batch cannot be split over "
-            f"dcn_data*data*fsdp = {shards} devices; change the batch, grad_accum, or move devices to "
+            f"dcn_data*data*fsdp*expert = {shards} devices; change the batch, grad_accum, or move devices to "
             "mesh.tensor / mesh.context"
         )
     context = shd.axis_size(mesh, "context")
