@@ -1,6 +1,6 @@
-"""The grouped matmul's two implementations: the TPU megablox kernel (in Pallas interpret mode here)
-against `jax.lax.ragged_dot`, forward and gradients, with an empty group and rows past the groups;
-and the platform switch."""
+"""The grouped matmul's implementations: the TPU megablox kernel (in Pallas interpret mode here) and
+the CPU `tiles` path against `jax.lax.ragged_dot`, forward and gradients, with an empty group and
+rows past the groups; and the platform switch."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _value_and_grads(impl, lhs, rhs, group_sizes, cotangent):
 
 
 @pytest.mark.parametrize("m", [200, 130])  # 200: two row tiles after padding to 256; 130: K, N tiles partial
-def test_megablox_in_interpret_mode_equals_ragged_dot(m):
+def test_megablox_in_interpret_mode_and_tiles_equal_ragged_dot(m):
     k, n = (64, 96) if m == 200 else (160, 136)
     keys = jax.random.split(jax.random.key(0), 3)
     lhs = jax.random.normal(keys[0], (m, k))
@@ -32,19 +32,20 @@ def test_megablox_in_interpret_mode_equals_ragged_dot(m):
     group_sizes = jnp.array([70, 0, 25, 15 if m == 130 else 75], jnp.int32)
     used = int(group_sizes.sum())
     ref, (ref_dl, ref_dr) = _value_and_grads("ragged_dot", lhs, rhs, group_sizes, cotangent)
-    out, (dl, dr) = _value_and_grads("megablox", lhs, rhs, group_sizes, cotangent)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(dl, ref_dl, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(dr, ref_dr, rtol=1e-5, atol=1e-4)
-    assert not np.any(out[used:]) and not np.any(dl[used:])  # the kernel leaves these uninitialised
-    assert not np.any(dr[1]) and np.any(dr[0])
+    for impl in ("megablox", "tiles"):
+        out, (dl, dr) = _value_and_grads(impl, lhs, rhs, group_sizes, cotangent)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4, err_msg=impl)
+        np.testing.assert_allclose(dl, ref_dl, rtol=1e-5, atol=1e-4, err_msg=impl)
+        np.testing.assert_allclose(dr, ref_dr, rtol=1e-5, atol=1e-4, err_msg=impl)
+        assert not np.any(out[used:]) and not np.any(dl[used:]), impl  # megablox leaves these uninitialised
+        assert not np.any(dr[1]) and np.any(dr[0]), impl
 
 
-def test_the_switch_picks_megablox_for_tpu_targets_only():
+def test_the_switch_picks_megablox_for_tpu_tiles_for_cpu_ragged_dot_for_gpu():
     assert gm.resolve_impl("auto", "tpu") == "megablox"
-    assert gm.resolve_impl("auto", "cpu") == gm.resolve_impl("auto", "gpu") == "ragged_dot"
+    assert gm.resolve_impl("auto", "cpu") == "tiles" and gm.resolve_impl("auto", "gpu") == "ragged_dot"
     assert gm.resolve_impl("megablox", "cpu") == "megablox"
-    with pytest.raises(ValueError, match="use auto, ragged_dot or megablox"):
+    with pytest.raises(ValueError, match="use auto, ragged_dot, megablox or tiles"):
         gm.resolve_impl("cutlass")
     assert gm.target_platform() == "cpu"
     with jax.set_mesh(shd.make_mesh(shd.MeshConfig(fsdp=2), devices=jax.devices()[:2])):
