@@ -59,6 +59,18 @@ class ModelConfig:
     # (at 32k with 28 heads: 3.7 MB per segment slot, 235 MB at 64), so it is not set to the worst
     # case; 64 keeps them at the size of q in bf16 with head_dim 128 (README: "GPU attention").
     max_segments: int = 64
+    # Mixture of experts (families with `moe` in their spec; lt_jax/model/moe.py). A layer i is
+    # sparse when num_experts > 0, i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0;
+    # the others run the dense MLP of width intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.0  # x the load-balancing loss, added to the training loss
+    capacity_factor: Optional[float] = None  # None: dropless; else each expert takes ceil(f * slots / E)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, (list, tuple)):  # one id stays an int, several a tuple
@@ -85,6 +97,39 @@ class ModelConfig:
             raise ValueError(f"max_segments must be >= 2 (a document and padding), got {self.max_segments}")
         if self.resolved_head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        self._check_moe(spec.moe)
+
+    def _check_moe(self, family_moe: bool) -> None:
+        """MoE fields only on MoE families, and consistent with each other."""
+        if not family_moe:
+            if self.num_experts:
+                raise ValueError(f"num_experts is set but family {self.family!r} has no experts; use a MoE family")
+            return
+        if self.num_experts <= 0:
+            raise ValueError(f"family {self.family!r} needs num_experts > 0, got {self.num_experts}")
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in 1..num_experts ({self.num_experts}), "
+                             f"got {self.num_experts_per_tok}")
+        if self.moe_intermediate_size <= 0:
+            raise ValueError(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"mlp_only_layers {bad} are not layers of a {self.num_layers}-layer model")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive (or null for dropless), got {self.capacity_factor}")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it run the experts (True) or the dense MLP (False)?"""
+        return tuple(
+            self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+            for i in range(self.num_layers)
+        )
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -97,8 +142,21 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
-    def num_params(self, include_embeddings: bool = True) -> int:
-        """Exact parameter count of the decoder this config describes."""
+    @property
+    def layer_groups(self) -> dict[str, tuple[int, ...]]:
+        """Parameter stack -> the layers it holds, in order: one stack "layers" when every layer is
+        of one kind; with dense layers among sparse ones, "layers" holds the sparse ones and
+        "dense_layers" the dense ones (each stack scans one layer body)."""
+        kinds = self.sparse_layers
+        sparse = tuple(i for i, k in enumerate(kinds) if k)
+        dense = tuple(i for i, k in enumerate(kinds) if not k)
+        if not sparse or not dense:
+            return {"layers": tuple(range(self.num_layers))}
+        return {"layers": sparse, "dense_layers": dense}
+
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Exact parameter count of the decoder this config describes (`active`: only the weights
+        one token uses: k of the experts, for the FLOPs of mixture-of-experts models)."""
         h, hd, L = self.hidden_size, self.resolved_head_dim, self.num_layers
         q, kv = self.num_heads * hd, self.num_kv_heads * hd
         attn = h * q + 2 * h * kv + q * h
@@ -106,8 +164,12 @@ class ModelConfig:
             attn += q + 2 * kv
         if self.qk_norm:
             attn += 2 * hd
-        layer = attn + 3 * h * self.intermediate_size + 2 * h
-        n = L * layer + h
+        sparse = sum(self.sparse_layers)
+        experts = self.num_experts_per_tok if active else self.num_experts
+        moe = h * self.num_experts + 3 * h * (experts * self.moe_intermediate_size + self.shared_expert_intermediate_size)
+        moe += h if self.shared_expert_intermediate_size else 0  # the shared expert's sigmoid gate
+        mlp = sparse * moe + (L - sparse) * 3 * h * self.intermediate_size
+        n = L * (attn + 2 * h) + mlp + h
         if include_embeddings:
             n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         elif not self.tie_word_embeddings:

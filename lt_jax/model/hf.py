@@ -76,15 +76,19 @@ class TensorMap:
     transform: Any
     start: Optional[int] = None
     size: Optional[int] = None
+    layer_ids: tuple[int, ...] = ()  # per-layer tensors: the HF layer of each index of axis 0
+    experts: int = 0  # a Stack transform's expert count (the parameter's axis 1)
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.hf_name
 
-    def hf_names(self, num_layers: int) -> list[str]:
+    def entries(self) -> list[tuple[str, Optional[int], Optional[int]]]:
+        """(HF name, index along the parameter's layer axis, expert) of every HF tensor it spans."""
         if not self.per_layer:
-            return [self.hf_name]
-        return [self.hf_name.format(i=i) for i in range(num_layers)]
+            return [(self.hf_name, None, None)]
+        experts = range(self.experts) if self.experts else [None]
+        return [(self.hf_name.format(i=i, e=e), j, e) for j, i in enumerate(self.layer_ids) for e in experts]
 
     def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Shape of this parameter's part of one HF tensor, given the lt_jax parameter's shape."""
@@ -107,12 +111,15 @@ def tensor_maps(config: ModelConfig, shapes: Optional[dict[str, Sequence[int]]] 
     maps = []
     for r in families.get(config.family).tensor_rows(config):
         if len(r.paths) == 1:
-            maps.append(TensorMap(r.hf_name, r.paths[0], r.transform))
+            path = r.paths[0]
+            layers = config.layer_groups[path.split(".")[0]] if r.per_layer else ()
+            experts = shapes[path][1] if getattr(r.transform, "stacked", False) else 0
+            maps.append(TensorMap(r.hf_name, path, r.transform, layer_ids=layers, experts=experts))
             continue
         start = 0
         for path in r.paths:
             size = TensorMap(r.hf_name, path, r.transform).hf_shape(shapes[path])[0]
-            maps.append(TensorMap(r.hf_name, path, r.transform, start, size))
+            maps.append(TensorMap(r.hf_name, path, r.transform, start, size, tuple(range(config.num_layers))))
             start += size
     return maps
 
@@ -161,6 +168,7 @@ def hf_to_model_config(hf_config: dict[str, Any], path: str = CONFIG_FILE, **ove
         bos_token_id=_token_id(hf_config, "bos_token_id", path),
         eos_token_id=_token_id(hf_config, "eos_token_id", path),
     )
+    fields.update(spec.moe_from_hf(hf_config) if spec.moe_from_hf else {})
     fields.update(overrides)
     try:
         return ModelConfig(**fields)
@@ -310,7 +318,7 @@ def _expected_tensors(maps: Sequence[TensorMap], params: dict[str, Any], num_lay
     out: dict[str, tuple] = {}
     for m in maps:
         shape = m.hf_shape(params[m.path].shape)
-        for name in m.hf_names(num_layers):
+        for name, _, _ in m.entries():
             rows = out[name][0] + shape[0] if name in out else shape[0]
             out[name] = (rows,) + tuple(shape[1:])
     return out
@@ -361,11 +369,15 @@ def _read_param(folder: SafetensorsFolder, m: TensorMap, shape: tuple, index, nu
     index = tuple(slice(None) for _ in shape) if index is None else tuple(index)
     inner = index[1:] if m.per_layer else index
     hf_index = m.hf_index(inner, shape)
-    layers = range(num_layers)[index[0]] if m.per_layer else [None]
-    names = [m.hf_name if i is None else m.hf_name.format(i=i) for i in layers]
-    parts = folder.read([(name, hf_index) for name in names])
-    parts = [m.transform.from_hf(p) for p in parts]
-    return np.stack(parts) if m.per_layer else parts[0]
+    if not m.per_layer:
+        return m.transform.from_hf(folder.read([(m.hf_name, hf_index)])[0])
+    layers = m.layer_ids[index[0]]
+    experts = range(m.experts)[inner[0]] if m.experts else [None]
+    names = [m.hf_name.format(i=i, e=e) for i in layers for e in experts]
+    parts = [m.transform.from_hf(p) for p in folder.read([(name, hf_index) for name in names])]
+    if m.experts:  # [layer][expert] blocks -> one array with both axes
+        return np.stack([np.stack(parts[j:j + len(experts)]) for j in range(0, len(parts), len(experts))])
+    return np.stack(parts)
 
 
 def _make_array(folder: SafetensorsFolder, m: TensorMap, leaf, num_layers: int):
@@ -425,27 +437,35 @@ def load_hf(
 # Saving
 
 
-def _ordered_entries(maps: Sequence[TensorMap], num_layers: int) -> list[tuple[str, list[TensorMap], Optional[int]]]:
-    """(HF name, its parts, layer) in the order transformers writes them: embeddings, layers, norm, head."""
-    groups: dict[str, list[TensorMap]] = {}
+Entry = tuple[str, list[TensorMap], Optional[int], Optional[int]]
+
+
+def _ordered_entries(maps: Sequence[TensorMap], num_layers: int) -> list[Entry]:
+    """(HF name, its parts, index along the layer axis, expert) in the order transformers writes
+    them: embeddings, layers, norm, head. Parts of a fused tensor share one name."""
+    by_name: dict[str, tuple[list[TensorMap], Optional[int], Optional[int]]] = {}
     for m in maps:
-        groups.setdefault(m.hf_name, []).append(m)
-    rows = list(groups.items())
-    first = next(k for k, (_, parts) in enumerate(rows) if parts[0].per_layer)
-    head = [(name, parts, None) for name, parts in rows[:first] if not parts[0].per_layer]
-    layers = [(name.format(i=i), parts, i) for i in range(num_layers) for name, parts in rows if parts[0].per_layer]
-    tail = [(name, parts, None) for name, parts in rows[first:] if not parts[0].per_layer]
+        for name, layer, expert in m.entries():
+            by_name.setdefault(name, ([], layer, expert))[0].append(m)
+    hf_layer = {name: parts[0].layer_ids[layer] for name, (parts, layer, _) in by_name.items() if layer is not None}
+    rows = list(by_name.items())
+    first = next(k for k, (name, _) in enumerate(rows) if name in hf_layer)
+    head = [(name, *v) for name, v in rows[:first]]
+    layers = sorted(((name, *v) for name, v in rows if name in hf_layer), key=lambda e: hf_layer[e[0]])
+    tail = [(name, *v) for name, v in rows[first:] if name not in hf_layer]
     return head + layers + tail
 
 
-def _to_host(array, layer: Optional[int], transform, dtype: np.dtype) -> np.ndarray:
-    """One parameter's HF block on the host: slice one layer on device, gather it (all processes),
-    cast, lay out as HF does."""
+def _to_host(array, layer: Optional[int], transform, dtype: np.dtype, expert: Optional[int] = None) -> np.ndarray:
+    """One parameter's HF block on the host: slice one layer (and expert) on device, gather it (all
+    processes), cast, lay out as HF does."""
     import jax
     from jax.experimental import multihost_utils
 
     if layer is not None:
         array = _take_layer(array, layer)
+    if expert is not None:
+        array = _take_layer(array, expert)
     if jax.process_count() > 1:
         host = np.asarray(multihost_utils.process_allgather(array, tiled=True))
     else:
@@ -493,10 +513,10 @@ def save_hf(
     maps = _maps_for(config, params)
     out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
     entries = _ordered_entries(maps, config.num_layers)
-    by_name = {name: (parts, layer) for name, parts, layer in entries}
+    by_name = {name: (parts, layer, expert) for name, parts, layer, expert in entries}
     sizes = [
         (n, sum(int(np.prod(m.hf_shape(params[m.path].shape))) for m in parts) * out_dtype.itemsize)
-        for n, parts, _ in entries
+        for n, parts, _, _ in entries
     ]
     shards = plan_shards(sizes, max_shard_bytes)
     files = shard_file_names(len(shards))
@@ -510,8 +530,8 @@ def save_hf(
     for file, names in zip(files, shards):
         tensors = {}
         for name in names:
-            parts, layer = by_name[name]
-            blocks = [_to_host(params[m.path], layer, m.transform, out_dtype) for m in parts]
+            parts, layer, expert = by_name[name]
+            blocks = [_to_host(params[m.path], layer, m.transform, out_dtype, expert) for m in parts]
             tensors[name] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)  # fused
         if writer:
             storage.write_bytes(storage.join(out_dir, file), save_safetensors(tensors, metadata={"format": "pt"}))

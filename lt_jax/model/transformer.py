@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lt_jax.model import moe
 from lt_jax.model import sharding as shd
 from lt_jax.model.attention import attention
 from lt_jax.model.config import ModelConfig
@@ -211,21 +212,65 @@ class MLP(nnx.Module):
         return self.down_proj(hidden).reshape(x.shape)
 
 
-class Block(nnx.Module):
-    """Pre-norm decoder layer."""
+class Experts(nnx.Module):
+    """E SwiGLU experts' weights, stacked on a leading expert axis: gate/up [E, H, I], down [E, I, H]."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, h, i, pd = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, _dtype(cfg.param_dtype)
+        self.gate_proj = nnx.Param(_INIT(rngs.params(), (e, h, i), pd), logical_axes=("experts", "embed", "moe_mlp"))
+        self.up_proj = nnx.Param(_INIT(rngs.params(), (e, h, i), pd), logical_axes=("experts", "embed", "moe_mlp"))
+        self.down_proj = nnx.Param(_INIT(rngs.params(), (e, i, h), pd), logical_axes=("experts", "moe_mlp", "embed"))
+
+
+class MoEBlock(nnx.Module):
+    """A sparse layer's MLP: router (`moe.route`) and top-k of `Experts` (`moe.experts_ffn`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.router = _linear(cfg, cfg.hidden_size, cfg.num_experts, ("embed", None), bias=False, rngs=rngs)
+        self.experts = Experts(cfg, rngs=rngs)
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.capacity_factor, self.compute_dtype = cfg.capacity_factor, _dtype(cfg.compute_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, S, H] -> [B, S, H] (every token counted as real)."""
+        return self.routed(x, jnp.ones(x.shape[:2], bool))[0]
+
+    def routed(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, moe.RouterStats]:
+        """(output [B, S, H], router statistics over the tokens where `valid` [B, S] is True).
+
+        Dropless, every token is computed; with a capacity factor, invalid (padding) tokens take
+        no expert capacity."""
+        tokens, valid = _flat(x), valid.reshape(-1)
+        logits = self.router(tokens)
+        weights, experts = moe.route(logits, self.top_k, self.norm_topk_prob)
+        w = [getattr(self.experts, n).get_value().astype(self.compute_dtype) for n in ("gate_proj", "up_proj", "down_proj")]
+        capped = self.capacity_factor is not None
+        out = moe.experts_ffn(tokens, weights, experts, *w, capacity_factor=self.capacity_factor,
+                              valid=valid if capped else None)
+        dropped = moe.dropped_slots(experts, w[0].shape[0], self.capacity_factor, valid) if capped else None
+        return out.reshape(x.shape), moe.router_stats(logits, experts, valid, dropped)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer; its MLP is the dense `MLP` or, in a sparse layer, a `MoEBlock`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sparse: bool = False):
         pd, cd = _dtype(cfg.param_dtype), _dtype(cfg.compute_dtype)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cd)
         self.attn = Attention(cfg, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cd)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MoEBlock(cfg, rngs=rngs) if sparse else MLP(cfg, rngs=rngs)
 
     def __call__(self, x, cos, sin, segment_ids, positions, cache=None):
+        """-> (x, new cache or None, RouterStats of a sparse layer or None)."""
         attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, segment_ids, positions, cache)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
-        return shd.shard_activation(x, ("act_batch", "act_seq", "act_embed")), new_cache
+        stats = None
+        if isinstance(self.mlp, MoEBlock):
+            out, stats = self.mlp.routed(self.post_attn_norm(x), segment_ids > 0)
+        else:
+            out = self.mlp(self.post_attn_norm(x))
+        return shd.shard_activation(x + out, ("act_batch", "act_seq", "act_embed")), new_cache, stats
 
 
 _CACHE_AXES = ("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
@@ -252,13 +297,27 @@ _REMAT_POLICIES = {
 }
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    @nnx.split_rngs(splits=cfg.num_layers)
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: int, sparse: bool) -> Block:
+    @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
     def make(rngs):
-        return Block(cfg, rngs=rngs)
+        return Block(cfg, rngs=rngs, sparse=sparse)
 
     return make(rngs)
+
+
+def layer_runs(config: ModelConfig) -> list[tuple[str, int, int]]:
+    """(stack, start, stop): the layers in order as runs of consecutive layers of one stack
+    (`ModelConfig.layer_groups`); one run over "layers" unless dense and sparse layers mix."""
+    where = {i: (stack, j) for stack, ids in config.layer_groups.items() for j, i in enumerate(ids)}
+    runs: list[tuple[str, int, int]] = []
+    for i in range(config.num_layers):
+        stack, j = where[i]
+        if runs and runs[-1][0] == stack and runs[-1][2] == j:
+            runs[-1] = (stack, runs[-1][1], j + 1)
+        else:
+            runs.append((stack, j, j + 1))
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +334,10 @@ class Transformer(nnx.Module):
             config.vocab_size, config.hidden_size, dtype=cd, param_dtype=pd, embedding_init=_INIT,
             rngs=rngs, embedding_metadata={"logical_axes": ("vocab", "embed")},
         )
-        self.layers = _stacked_blocks(config, rngs)
+        groups, sparse = config.layer_groups, config.sparse_layers
+        self.layers = _stacked_blocks(config, rngs, len(groups["layers"]), sparse[groups["layers"][0]])
+        dense = groups.get("dense_layers")
+        self.dense_layers = _stacked_blocks(config, rngs, len(dense), False) if dense else None
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd, cd)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -316,6 +378,18 @@ class Transformer(nnx.Module):
         The model without its LM head, so a loss can run the head in chunks (`logits`). Arguments
         as for `__call__`.
         """
+        hidden, cache, _ = self._hidden(input_ids, positions, segment_ids, cache)
+        return hidden if cache is None else (hidden, cache)
+
+    def hidden_states_and_router_stats(
+        self, input_ids: jax.Array, positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+    ) -> tuple[jax.Array, Optional[moe.RouterStats]]:
+        """(`hidden_states`, the router statistics summed over sparse layers and real tokens; None
+        for a model without experts): what the training loss adds the load-balancing term from."""
+        hidden, _, stats = self._hidden(input_ids, positions, segment_ids, None)
+        return hidden, stats
+
+    def _hidden(self, input_ids, positions, segment_ids, cache):
         b, s = input_ids.shape
         if positions is None:
             start = 0 if cache is None else cache.index
@@ -325,9 +399,11 @@ class Transformer(nnx.Module):
         positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
         x = shd.shard_activation(self._embed(input_ids), ("act_batch", "act_seq", "act_embed"))
         cos, sin = rope_tables(positions, rope_inv_freq(self.config), _dtype(self.config.compute_dtype))
-        x, cache = self._run_layers(x, cos, sin, segment_ids, positions, cache)
-        hidden = self.final_norm(x)
-        return hidden if cache is None else (hidden, cache)
+        if cache is not None:
+            x, cache = self._run_cached_layers(x, cos, sin, segment_ids, positions, cache)
+            return self.final_norm(x), cache, None
+        x, stats = self._run_layers(x, cos, sin, segment_ids, positions)
+        return self.final_norm(x), None, stats
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits [B, S, V] (sharded on the vocab axis) from `hidden_states` [B, S, H]."""
@@ -356,19 +432,34 @@ class Transformer(nnx.Module):
         # clip, not fill: an out-of-range pad id would otherwise give NaN rows that leak through 0*NaN.
         return jnp.take(table, input_ids, axis=0, mode="clip").astype(_dtype(self.config.compute_dtype))
 
-    def _run_layers(self, x, cos, sin, segment_ids, positions, cache):
-        """jax.lax.scan of one layer body over the stacked layer state (see `_run_cached_layers`)."""
-        if cache is not None:
-            return self._run_cached_layers(x, cos, sin, segment_ids, positions, cache)
-        graphdef, layer_state = nnx.split(self.layers)
+    def layer_runs(self) -> list[tuple[nnx.GraphDef, nnx.State]]:
+        """(graphdef, stacked state) of each run of layers, in layer order (`layer_runs`): scan a
+        layer body over each in turn to run the decoder."""
+        out = []
+        for stack, lo, hi in layer_runs(self.config):
+            graphdef, state = nnx.split(getattr(self, stack))
+            if (lo, hi) != (0, len(self.config.layer_groups[stack])):
+                state = jax.tree.map(lambda a: a[lo:hi], state)
+            out.append((graphdef, state))
+        return out
 
-        def body(carry, state):
-            return nnx.merge(graphdef, state)(carry, cos, sin, segment_ids, positions)[0], None
+    def _run_layers(self, x, cos, sin, segment_ids, positions):
+        """jax.lax.scan of one layer body over each run's stacked layer state (see
+        `_run_cached_layers`) -> (x, summed RouterStats of the sparse layers or None)."""
+        total = None
+        for graphdef, layer_state in self.layer_runs():
 
-        if self.config.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, layer_state)
-        return x, None
+            def body(carry, state, graphdef=graphdef):
+                out, _, stats = nnx.merge(graphdef, state)(carry, cos, sin, segment_ids, positions)
+                return out, stats
+
+            if self.config.remat != "none":
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
+            x, stats = jax.lax.scan(body, x, layer_state)
+            if stats is not None:
+                stats = jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
+                total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        return x, total
 
     def _run_cached_layers(self, x, cos, sin, segment_ids, positions, cache: KVCache):
         """The layer scan with a KV cache: writes the S new tokens' k/v at `cache.index`.
@@ -379,7 +470,6 @@ class Transformer(nnx.Module):
         in place (and the sampler's donation then reaches all the way down). No remat: this path
         is inference only.
         """
-        graphdef, layer_state = nnx.split(self.layers)
         s, index = x.shape[1], jnp.asarray(cache.index, jnp.int32)
         # Slot metadata is written once and shared by every layer.
         seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, index, axis=1)
@@ -392,15 +482,17 @@ class Transformer(nnx.Module):
             zero = jnp.zeros((), index.dtype)
             return keep(jax.lax.dynamic_update_slice(buf, new[None], (i, zero, index, zero, zero)))
 
-        def body(carry, state):
+        def body(carry, state, graphdef):
             h, k_all, v_all, i = carry
             layer_cache = (jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False),
                            jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False), seg, pos, index)
-            h, (k_layer, v_layer) = nnx.merge(graphdef, state)(h, cos, sin, segment_ids, positions, layer_cache)
+            h, (k_layer, v_layer), _ = nnx.merge(graphdef, state)(h, cos, sin, segment_ids, positions, layer_cache)
             return (h, write_back(k_all, k_layer, i), write_back(v_all, v_layer, i), i + 1), None
 
         carry = (x, keep(cache.k), keep(cache.v), jnp.zeros((), jnp.int32))
-        (x, k, v, _), _ = jax.lax.scan(body, carry, layer_state)
+        for graphdef, layer_state in self.layer_runs():  # i counts layers across runs
+            carry, _ = jax.lax.scan(functools.partial(body, graphdef=graphdef), carry, layer_state)
+        x, k, v, _ = carry
         return x, KVCache(k, v, seg, pos, cache.index + s)
 
 

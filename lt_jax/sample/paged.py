@@ -185,9 +185,8 @@ def forward(model, tokens, positions, valid, page_table, cache: PagedKV, last: j
     slot_off = positions % page_size
     x = model._embed(tokens)
     cos, sin = tfm.rope_tables(positions, tfm.rope_inv_freq(cfg), tfm._dtype(cfg.compute_dtype))
-    graphdef, layer_state = nnx.split(model.layers)
 
-    def body(carry, state):
+    def body(carry, state, graphdef):
         h, k_all, v_all, i = carry
         block = nnx.merge(graphdef, state)
         q, k, v = block.attn.project(block.input_norm(h), cos, sin)
@@ -200,7 +199,10 @@ def forward(model, tokens, positions, valid, page_table, cache: PagedKV, last: j
         h = h + block.mlp(block.post_attn_norm(h))
         return (h, k_all, v_all, i + 1), None
 
-    (h, k, v, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)), layer_state)
+    carry = (x, cache.k, cache.v, jnp.zeros((), jnp.int32))
+    for graphdef, layer_state in model.layer_runs():  # one run unless dense and MoE layers mix
+        carry, _ = jax.lax.scan(functools.partial(body, graphdef=graphdef), carry, layer_state)
+    h, k, v, _ = carry
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)  # the LM head runs on one token per row
     logits = model._logits(model.final_norm(h_last))[:, 0]
     return logits, PagedKV(k, v)

@@ -63,8 +63,35 @@ class Linear:
         return array.T
 
 
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """One HF tensor per expert ("{e}" in the name) <-> one parameter with an expert axis.
+
+    The parameter's axis after the layer axis is the expert; `inner` converts each expert's block.
+    `lt_jax.model.hf` reads and writes the experts' tensors one by one (so a host reads only the
+    experts and the rows its devices hold) and stacks or unstacks them.
+    """
+
+    inner: Any = None
+
+    stacked = True
+
+    def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return self.inner.hf_shape(tuple(shape)[1:])
+
+    def hf_index(self, index: tuple) -> tuple:
+        return self.inner.hf_index(tuple(index)[1:])
+
+    def from_hf(self, block: np.ndarray) -> np.ndarray:
+        return self.inner.from_hf(block)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        return self.inner.to_hf(array)
+
+
 COPY = Copy()
 LINEAR = Linear()
+STACKED_LINEAR = Stack(LINEAR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +175,12 @@ class FamilySpec:
     # Raises UnsupportedConfig for a switch of this family the decoder lacks (generic ones are
     # checked by lt_jax.model.hf for every family).
     check_supported: Callable[[dict[str, Any]], None] = _no_checks
+    # Mixture of experts: `tensors` lay out the sparse layers; `dense_mlp` are the rows of the
+    # dense MLP layers among them; the two functions convert the MoE keys of config.json.
+    moe: bool = False
+    dense_mlp: tuple[Tensor, ...] = ()
+    moe_from_hf: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
+    moe_to_hf: Optional[Callable[["ModelConfig"], dict[str, Any]]] = None
 
     def default(self, key: str, fallback: Any = None) -> Any:
         return self.hf_defaults.get(key, fallback)
@@ -155,26 +188,49 @@ class FamilySpec:
     def tensor_rows(self, config: "ModelConfig") -> list[Tensor]:
         """The rows that apply to `config` (no lm_head when embeddings are tied)."""
         rows = list(self.tensors)
+        if self.moe:
+            rows = _layer_kind_rows(rows, self.dense_mlp, config)
         if config.tie_word_embeddings:
             rows = [r for r in rows if r.hf_name != TIED_HEAD]
         return rows
 
     def config_to_hf(self, config: "ModelConfig") -> dict[str, Any]:
         """Family keys of config.json on export (the generic ones come from lt_jax.model.hf)."""
-        return {"architectures": [self.architecture], "model_type": self.name, **self.export_switches}
+        moe = self.moe_to_hf(config) if self.moe_to_hf else {}
+        return {"architectures": [self.architecture], "model_type": self.name, **self.export_switches, **moe}
 
     def flops_per_token(self, config: "ModelConfig", attention_pairs_per_token: float = 0.0) -> float:
         """Training (forward + backward) model FLOPs per token: 6 x matmul weights plus attention.
 
         Matmul weights include the LM head (also when tied) and exclude the embedding lookup;
+        of a mixture of experts only the active ones count (router, k experts, shared expert);
         attention is 12 * L * Nq * D per (query, key) pair (QK^T and PV, 2 FLOPs a multiply-add,
         x3 for the backward); `attention_pairs_per_token` is pairs / tokens of the batch.
         """
-        matmul = config.num_params(include_embeddings=False)
+        matmul = config.num_params(include_embeddings=False, active=True)
         if config.tie_word_embeddings:
             matmul += config.vocab_size * config.hidden_size
         attn = 12.0 * config.num_layers * config.num_heads * config.resolved_head_dim * attention_pairs_per_token
         return 6.0 * matmul + attn
+
+
+def _is_mlp(r: Tensor) -> bool:
+    return all(p.startswith("layers.mlp.") for p in r.paths)
+
+
+def _prefixed(r: Tensor, stack: str) -> Tensor:
+    return dataclasses.replace(r, paths=tuple(stack + p[len("layers."):] for p in r.paths))
+
+
+def _layer_kind_rows(rows: list[Tensor], dense_mlp: Sequence[Tensor], config: "ModelConfig") -> list[Tensor]:
+    """A MoE family's rows for `config`'s mix of layers (ModelConfig.layer_groups): the sparse
+    layers in the "layers" stack and, when some layers are dense, those in "dense_layers"."""
+    if not any(config.sparse_layers):
+        return [r for r in rows if not _is_mlp(r)] + list(dense_mlp)
+    if "dense_layers" not in config.layer_groups:
+        return rows
+    dense = [r for r in rows if r.per_layer and not _is_mlp(r)] + list(dense_mlp)
+    return rows + [_prefixed(r, "dense_layers.") for r in dense]
 
 
 def check_paths(spec: FamilySpec, params: Sequence[str], config: "ModelConfig") -> None:
