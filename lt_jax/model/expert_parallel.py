@@ -8,7 +8,7 @@ active mesh:
   tokens   [T, ...] split over the batch and sequence axes (act_batch + act_seq: data, fsdp,
            expert, context, dcn_data), as every activation is; replicated over tensor.
   experts  w_* split over `expert` on their E dimension (the `experts` rule) and over `tensor` on
-           their I dimension (the `mlp` rule); their fsdp shards (the `embed` rule) are gathered at
+           their I dimension (the `moe_mlp` rule); their fsdp shards (the `embed` rule) are gathered at
            the shard_map boundary, as FSDP gathers every weight, and the gradient reduce-scattered.
 
 Per MoE layer each device
@@ -86,8 +86,8 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, capacity_fact
     tokens = token_spec(mesh)
     if e > 1 and AXIS not in (tokens[0] or ()):
         raise ValueError(f"the act_batch rule must include the {AXIS!r} axis on an expert mesh, got {tokens[0]!r}")
-    up_spec = shd.mesh_spec(("experts", None, "mlp"), mesh)
-    down_spec = shd.mesh_spec(("experts", "mlp", None), mesh)
+    up_spec = shd.mesh_spec(("experts", None, "moe_mlp"), mesh)
+    down_spec = shd.mesh_spec(("experts", "moe_mlp", None), mesh)
     valid = jnp.ones(x.shape[:1], bool) if valid is None else valid.astype(bool)
     local = functools.partial(_local, e=e, sum_axes=_axes(up_spec[2]), capacity_factor=capacity_factor)
     specs = (tokens, tokens, tokens, PartitionSpec(tokens[0]), up_spec, up_spec, down_spec)

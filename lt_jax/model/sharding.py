@@ -58,7 +58,6 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("experts", None),  # the expert dimension of MoE weights [E, ...]: over `expert` when the mesh has it
     ("layers", None),  # the scanned axis: every device holds its slice of every layer
     ("norm", None),
-    ("experts", None),  # mixture of experts: the expert axis of stacked expert weights
     ("moe_mlp", "tensor"),  # an expert's intermediate width
     # activations
     ("act_batch", ("data", "fsdp")),

@@ -47,7 +47,7 @@ def test_experts_on_an_expert_fsdp_tensor_mesh_equal_one_device():
     mesh = shd.make_mesh(shd.MeshConfig(expert=2, fsdp=2, tensor=2))
     tokens = shd.logical_to_sharding(("act_batch", None), mesh)
     put = [tokens, tokens] + [shd.logical_to_sharding(a, mesh) for a in
-                              [("experts", "embed", "mlp"), ("experts", "embed", "mlp"), ("experts", "mlp", "embed")]]
+                              [("experts", "embed", "moe_mlp"), ("experts", "embed", "moe_mlp"), ("experts", "moe_mlp", "embed")]]
     assert put[2].spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
     sharded = [jax.device_put(a, s) for a, s in zip(args, put)]
     with jax.set_mesh(mesh):
@@ -69,7 +69,7 @@ def test_the_expert_axis_in_the_mesh_and_the_table():
     assert table["experts"] == "expert" and table["act_batch"] == ("data", "fsdp", "expert")
     assert table["embed"] == ("fsdp", "expert") and dict(shd.LOGICAL_RULES)["experts"] is None
     # an expert weight takes `expert` on its E dimension, so its embed dimension keeps fsdp alone
-    assert shd.logical_to_spec(("experts", "embed", "mlp"), shd.rules_for(cfg.axis_names())) == \
+    assert shd.logical_to_spec(("experts", "embed", "moe_mlp"), shd.rules_for(cfg.axis_names())) == \
         jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
     with pytest.raises(ValueError, match="not divisible by mesh.expert 3"):
         ep.expert_parallel_ffn(*[jnp.zeros((6, 2))] * 3, *[jnp.zeros((4, 2, 2))] * 3,
@@ -84,7 +84,7 @@ mesh = shd.make_mesh(shd.MeshConfig(expert=2, fsdp=2), topology.target_devices(t
 T, H, I, E, K = 1024, 256, 384, 8, 2
 sds = lambda shape, dtype, axes: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.logical_to_sharding(axes, mesh))
 x, logits = sds((T, H), jnp.bfloat16, ("act_batch", None)), sds((T, E), jnp.float32, ("act_batch", None))
-ws = [sds(s, jnp.bfloat16, a) for s, a in [((E, H, I), ("experts", "embed", "mlp"))] * 2 + [((E, I, H), ("experts", "mlp", "embed"))]]
+ws = [sds(s, jnp.bfloat16, a) for s, a in [((E, H, I), ("experts", "embed", "moe_mlp"))] * 2 + [((E, I, H), ("experts", "moe_mlp", "embed"))]]
 def loss(x, logits, wg, wu, wd):
     weights, experts = moe.route(logits, K, True)
     return jnp.sum(ep.expert_parallel_ffn(x, weights.astype(x.dtype), experts, wg, wu, wd).astype(jnp.float32) ** 2)
@@ -112,3 +112,56 @@ def test_the_tpu_path_runs_megablox_inside_shard_map_and_compiles_for_v5p():
     # the Mosaic kernels (gmm forward; gmm and tgmm backward, each lowered once per shape), no ragged_dot
     assert int(mosaic) >= 3 and ragged == "0", proc.stdout
     assert int(lines["temp"]) > 0
+
+
+CFG = dict(family="qwen3_moe", vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+           num_kv_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+           mlp_only_layers=(0,), norm_topk_prob=True, router_aux_loss_coef=0.01)
+
+
+def _logits_loss_grads(mesh, ids, segment_ids, positions):
+    from flax import nnx
+
+    from lt_jax.model import transformer as tfm
+    from lt_jax.model.config import ModelConfig
+
+    model = tfm.init_model(ModelConfig(**CFG), mesh, seed=3)
+    batch = [jax.device_put(a, shd.logical_to_sharding(("act_batch", "act_seq"), mesh)) for a in (ids, segment_ids, positions)]
+
+    def loss_fn(model, ids, segment_ids, positions):
+        hidden, stats = model.hidden_states_and_router_stats(ids[:, :-1], positions[:, :-1], segment_ids[:, :-1])
+        logits = model.logits(hidden)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)[..., 0]
+        keep = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+        loss = jnp.sum(nll * keep) / jnp.sum(keep) + CFG["router_aux_loss_coef"] * moe.load_balancing_loss(stats)
+        return loss, logits
+
+    with jax.set_mesh(mesh):
+        (loss, logits), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model, *batch)
+        return jax.device_get((logits, loss, nnx.to_flat_state(nnx.state(grads))))
+
+
+@pytest.mark.slow
+def test_qwen3_moe_on_an_expert_fsdp_tensor_mesh_equals_one_device(monkeypatch):
+    """Logits, loss (with the load-balancing term) and every gradient of a tiny Qwen3-MoE (one dense
+    layer, one sparse) on expert=2 x fsdp=2 x tensor=2 equal one device, on packed and padded rows;
+    the sparse layer takes the expert-parallel path on the mesh only."""
+    calls = []
+    real = ep.expert_parallel_ffn
+    monkeypatch.setattr(ep, "expert_parallel_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 96, (8, 17)).astype(np.int32)
+    segment_ids = np.where(np.arange(17) < 9, 1, 2).repeat(8).reshape(17, 8).T.astype(np.int32)
+    segment_ids[::3, 13:] = 0  # padding
+    positions = np.where(np.arange(17) < 9, np.arange(17), np.arange(17) - 9)[None].repeat(8, 0).astype(np.int32)
+    one = _logits_loss_grads(shd.make_mesh(shd.MeshConfig(fsdp=1), jax.devices()[:1]), ids, segment_ids, positions)
+    mesh = shd.make_mesh(shd.MeshConfig(expert=2, fsdp=2, tensor=2))
+    assert not calls and ep.needed(mesh)
+    many = _logits_loss_grads(mesh, ids, segment_ids, positions)
+    assert calls
+    np.testing.assert_allclose(many[0], one[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(many[1], one[1], rtol=1e-6)
+    names = [".".join(map(str, path)) for path, _ in one[2]]
+    assert any("experts.gate_proj" in n for n in names)
+    for name, (_, g1), (_, gm_) in zip(names, one[2], many[2]):
+        np.testing.assert_allclose(gm_.get_value(), g1.get_value(), rtol=1e-4, atol=1e-6, err_msg=name)
