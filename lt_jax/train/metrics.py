@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from lt_jax import storage
 from lt_jax.model import families
 from lt_jax.model.config import ModelConfig
@@ -45,9 +47,23 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights used in matmuls per token (the LM head included, the embedding lookup not)."""
-    n = cfg.num_params(include_embeddings=False)
+    """Weights used in matmuls per token (the LM head included, the embedding lookup not; of a
+    mixture of experts, the experts a token is routed to)."""
+    n = cfg.num_params(include_embeddings=False, active=True)
     return n + (cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
+
+
+def moe_fields(record: dict[str, Any]) -> dict[str, float]:
+    """A MoE step's router metrics as scalars: moe_aux_loss (the load-balancing loss before its
+    coefficient), moe_dropped (fraction of slots over capacity), moe_load_max (the busiest
+    expert's share x E; 1.0 is perfect balance) and moe_load/<e> (each expert's share of slots)."""
+    if "moe_expert_load" not in record:
+        return {}
+    load = np.asarray(record["moe_expert_load"], np.float64)
+    out = {"moe_aux_loss": float(record["moe_aux_loss"]), "moe_dropped": float(record["moe_dropped"]),
+           "moe_load_max": float(load.max() * load.size)}
+    out.update({f"moe_load/{e}": float(x) for e, x in enumerate(load)})
+    return out
 
 
 def step_flops(cfg: ModelConfig, tokens: float, attention_pairs: float) -> float:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lt_jax.model import moe
 from lt_jax.model import sharding as shd
 from lt_jax.train import loss as loss_lib
 
@@ -44,10 +45,17 @@ class StepOptions:
 
 def micro_loss_sums(model, batch: dict, options: StepOptions) -> tuple[jax.Array, jax.Array]:
     """(weighted NLL sum, weighted log(Z)^2 sum) of one micro-batch holding `targets`/`weights`."""
-    hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    return micro_sums(model, batch, options)[:2]
+
+
+def micro_sums(model, batch: dict, options: StepOptions):
+    """`micro_loss_sums` plus the router statistics of a mixture-of-experts model (else None)."""
+    hidden, router = model.hidden_states_and_router_stats(batch["input_ids"], batch["positions"], batch["segment_ids"])
     if options.lm_head_chunk and options.lm_head_chunk < hidden.shape[1]:
-        return loss_lib.chunked_loss_sums(hidden, model.logits, batch["targets"], batch["weights"], options.lm_head_chunk)
-    return loss_lib.loss_sums(model.logits(hidden), batch["targets"], batch["weights"])
+        nll, z = loss_lib.chunked_loss_sums(hidden, model.logits, batch["targets"], batch["weights"], options.lm_head_chunk)
+    else:
+        nll, z = loss_lib.loss_sums(model.logits(hidden), batch["targets"], batch["weights"])
+    return nll, z, router
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,20 +100,26 @@ def loss_and_grads(params, batch: dict, *, graphdef, options: StepOptions):
     denom = jnp.maximum(count, 1.0)
 
     def objective(p, mb):
-        nll, z = micro_loss_sums(nnx.merge(graphdef, p), mb, options)
-        return (nll + options.z_loss * z) / denom, (nll, z)
+        model = nnx.merge(graphdef, p)
+        nll, z, router = micro_sums(model, mb, options)
+        loss = (nll + options.z_loss * z) / denom
+        if router is not None:  # the load-balancing loss of this micro-batch's real tokens (mean over them)
+            loss += model.config.router_aux_loss_coef * moe.load_balancing_loss(router) / options.grad_accum
+        return loss, (nll, z, router)
 
     def grads_and_sums(p, mb):
-        (_, (nll, z)), grads = jax.value_and_grad(objective, has_aux=True)(p, mb)
-        return grads, nll, z
+        (_, (nll, z, router)), grads = jax.value_and_grad(objective, has_aux=True)(p, mb)
+        return grads, nll, z, router
 
-    grads, nll, z = accumulate(grads_and_sums, params, batch, options.grad_accum)
+    grads, nll, z, router = accumulate(grads_and_sums, params, batch, options.grad_accum)
     sums = {
         "nll": nll, "z": z, "loss_tokens": count,
         "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
         # Causal (query, key) pairs within segments: positions restart at 0 in each segment.
         "attention_pairs": jnp.sum(jnp.where(batch["segment_ids"] > 0, batch["positions"] + 1, 0).astype(jnp.float32)),
     }
+    if router is not None:
+        sums["router"] = router
     return grads, sums
 
 
@@ -126,6 +140,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, schedule,
         "tokens": sums["tokens"],
         "attention_pairs": sums["attention_pairs"],
     }
+    if "router" in sums:  # over the global batch's real tokens and every sparse layer
+        metrics.update(moe_aux_loss=moe.load_balancing_loss(sums["router"]),
+                       moe_expert_load=moe.expert_load(sums["router"]),
+                       moe_dropped=sums["router"].dropped / jnp.maximum(jnp.sum(sums["router"].slots), 1.0))
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
 

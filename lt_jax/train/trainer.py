@@ -297,6 +297,9 @@ class Meter:
         z = self.run.cfg.train.z_loss
         if z > 0:  # the term added to the loss; at weight 0 there is none to report
             out["z_loss"] = z * float(r["z_loss"])
+        from lt_jax.train.metrics import moe_fields
+
+        out.update(moe_fields(r))
         return out
 
     def record(self, extra: dict[str, dict] | None = None) -> None:

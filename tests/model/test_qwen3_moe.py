@@ -56,6 +56,15 @@ def main_model(moe_folders):
     return hf.load_hf(moe_folders["main"][0])
 
 
+def _jit(model, method="__call__"):
+    """`model.<method>` under jax.jit (eager calls re-trace every layer scan on each call)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, *a, **kw: getattr(nnx.merge(graphdef, st), method)(*a, **kw))
+    return lambda *a, **kw: fn(state, *a, **kw)
+
+
 def _padded(seed=1):
     rng = np.random.RandomState(seed)
     lengths = np.array([12, 7, 3, 10])
@@ -117,7 +126,7 @@ def test_packed_rows_equal_documents_alone(moe_folders, main_model):
     seg = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(4)])[None].astype(np.int32)
     pos = np.concatenate([np.arange(len(d)) for d in docs] + [np.zeros(4)])[None].astype(np.int32)
     ids = np.concatenate(docs + [np.zeros(4, np.int32)])[None]
-    packed = np.asarray(main_model(ids, pos, seg))[0]
+    packed = np.asarray(_jit(main_model)(ids, pos, seg))[0]
     start = 0
     for doc in docs:
         with torch.no_grad():
@@ -127,7 +136,7 @@ def test_packed_rows_equal_documents_alone(moe_folders, main_model):
 
 
 def _aux(model, ids, seg, pos=None):
-    _, stats = model.hidden_states_and_router_stats(ids, pos, seg)
+    _, stats = _jit(model, "hidden_states_and_router_stats")(ids, pos, seg)
     return float(moe.load_balancing_loss(stats)), stats
 
 
@@ -211,10 +220,10 @@ def test_greedy_generation_equals_transformers(moe_folders, main_model):
         assert res[0].tokens == hf_greedy(ref_model, p, new), f"prompt of length {len(p)}"
     # The KV-cache path (Transformer.__call__ with a cache) too.
     p = prompts[0]
-    cache = tfm.init_cache(main_model.config, 1, len(p) + new)
-    logits, cache = main_model(np.asarray([p]), cache=cache)
+    step = _jit(main_model)
+    logits, cache = step(np.asarray([p]), cache=tfm.init_cache(main_model.config, 1, len(p) + new))
     out = []
     for _ in range(new):
         out.append(int(np.argmax(np.asarray(logits)[0, -1])))
-        logits, cache = main_model(np.asarray([[out[-1]]]), cache=cache)
+        logits, cache = step(np.asarray([[out[-1]]]), cache=cache)
     assert out == hf_greedy(ref_model, p, new)
