@@ -98,9 +98,9 @@ class ModelConfig:
         if self.resolved_head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
-        self._check_moe(spec.moe)
+        self._check_moe(spec.moe, spec.shared_expert)
 
-    def _check_moe(self, family_moe: bool) -> None:
+    def _check_moe(self, family_moe: bool, shared_expert: bool) -> None:
         """MoE fields only on MoE families, and consistent with each other."""
         if not family_moe:
             if self.num_experts:
@@ -120,6 +120,9 @@ class ModelConfig:
             raise ValueError(f"mlp_only_layers {bad} are not layers of a {self.num_layers}-layer model")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive (or null for dropless), got {self.capacity_factor}")
+        if shared_expert != (self.shared_expert_intermediate_size > 0):
+            raise ValueError(f"family {self.family!r} needs shared_expert_intermediate_size "
+                             f"{'> 0' if shared_expert else '0'}, got {self.shared_expert_intermediate_size}")
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 

@@ -200,8 +200,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        h, i = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, width: Optional[int] = None):
+        h, i = cfg.hidden_size, width or cfg.intermediate_size
         self.gate_proj = _linear(cfg, h, i, ("embed", "mlp"), bias=False, rngs=rngs)
         self.up_proj = _linear(cfg, h, i, ("embed", "mlp"), bias=False, rngs=rngs)
         self.down_proj = _linear(cfg, i, h, ("mlp", "embed"), bias=False, rngs=rngs)
@@ -223,11 +223,17 @@ class Experts(nnx.Module):
 
 
 class MoEBlock(nnx.Module):
-    """A sparse layer's MLP: router (`moe.route`) and top-k of `Experts` (`moe.experts_ffn`)."""
+    """A sparse layer's MLP: router (`moe.route`) and top-k of `Experts` (`moe.experts_ffn`), plus
+    Qwen2-MoE's shared expert (a dense MLP every token runs, scaled by a sigmoid gate) when set."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.router = _linear(cfg, cfg.hidden_size, cfg.num_experts, ("embed", None), bias=False, rngs=rngs)
         self.experts = Experts(cfg, rngs=rngs)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg, rngs=rngs, width=cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = _linear(cfg, cfg.hidden_size, 1, ("embed", None), bias=False, rngs=rngs)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.capacity_factor, self.compute_dtype = cfg.capacity_factor, _dtype(cfg.compute_dtype)
 
@@ -250,7 +256,11 @@ class MoEBlock(nnx.Module):
         ffn = expert_parallel.expert_parallel_ffn if expert_parallel.needed(shd.active_mesh()) else moe.experts_ffn
         out = ffn(tokens, weights, experts, *w, capacity_factor=self.capacity_factor, valid=valid if capped else None)
         dropped = moe.dropped_slots(experts, w[0].shape[0], self.capacity_factor, valid) if capped else None
-        return out.reshape(x.shape), moe.router_stats(logits, experts, valid, dropped)
+        out = out.reshape(x.shape)
+        if self.shared_expert is not None:
+            gate = jax.nn.sigmoid(self.shared_expert_gate(tokens)).reshape(*x.shape[:2], 1)
+            out = out + gate * self.shared_expert(x)
+        return out, moe.router_stats(logits, experts, valid, dropped)
 
 
 class Block(nnx.Module):

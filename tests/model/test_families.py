@@ -16,9 +16,10 @@ def test_each_spec_maps_every_parameter_once(name, tied):
     from lt_jax.model.transformer import abstract_model, flat_abstract_state
 
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=(1,), num_layers=3)
-    cfg = ModelConfig(family=name, vocab_size=64, tie_word_embeddings=tied, **(moe if families.get(name).moe else {}))
-    params = flat_abstract_state(abstract_model(cfg))
     spec = families.get(name)
+    moe.update(shared_expert_intermediate_size=24 if spec.shared_expert else 0)
+    cfg = ModelConfig(family=name, vocab_size=64, tie_word_embeddings=tied, **(moe if spec.moe else {}))
+    params = flat_abstract_state(abstract_model(cfg))
     spec_lib.check_paths(spec, list(params), cfg)  # raises on a missing or unknown path
     paths = [p for r in spec.tensor_rows(cfg) for p in r.paths]
     assert len(paths) == len(set(paths)) == len(params)
@@ -28,7 +29,7 @@ def test_family_defaults_and_unknown_family():
     assert ModelConfig(family="qwen2").attention_bias and ModelConfig(family="qwen3").qk_norm
     phi = ModelConfig(family="phi3")
     assert not phi.attention_bias and not phi.qk_norm
-    with pytest.raises(ValueError, match="family 'gpt2' is not supported; supported: llama, phi3, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="family 'gpt2' is not supported; supported: llama, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         ModelConfig(family="gpt2")
 
 
@@ -65,5 +66,7 @@ def test_moe_fields_are_validated():
             ModelConfig(**{**base, **change})
     with pytest.raises(ValueError, match="has no experts"):
         ModelConfig(family="qwen3", num_experts=4)
+    with pytest.raises(ValueError, match="needs shared_expert_intermediate_size > 0"):
+        ModelConfig(**dict(base, family="qwen2_moe"))
     cfg = ModelConfig(**base, num_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])
     assert cfg.sparse_layers == (False, True, False, False) and cfg.mlp_only_layers == (3,)

@@ -69,7 +69,7 @@ def test_classic_and_transformers5_config_forms_agree(hf_folder):
 @pytest.mark.parametrize(
     "change, needle",
     [
-        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported; supported: llama, phi3, qwen2, qwen3"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported; supported: llama, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"use_sliding_window": True}, "use_sliding_window"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "rope type 'yarn'"),

@@ -227,3 +227,37 @@ def test_greedy_generation_equals_transformers(moe_folders, main_model):
         out.append(int(np.argmax(np.asarray(logits)[0, -1])))
         logits, cache = step(np.asarray([[out[-1]]]), cache=cache)
     assert out == hf_greedy(ref_model, p, new)
+
+
+def test_qwen2_moe_shared_expert_matches_transformers_and_exports(hfx, tmp_path):
+    """Qwen2-MoE: the same router and experts plus a sigmoid-gated shared expert, q/k/v biases."""
+    import torch
+    import transformers
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], max_position_embeddings=256,
+        bos_token_id=None, eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    ref_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    folder = str(tmp_path / "qwen2_moe")
+    ref_model.save_pretrained(folder)
+    model = hf.load_hf(folder)
+    assert model.config.shared_expert_intermediate_size == 40 and model.config.attention_bias
+    ids, lengths = _padded()
+    ref = hfx.hf_logits(ref_model, ids, lengths)
+    ours = np.asarray(_jit(model)(ids, segment_ids=hfx.segment_ids(ids, lengths)))
+    assert hfx.real_token_diff(ours, ref, lengths) < 1e-4
+    out = str(tmp_path / "export")
+    hf.save_hf(model, out)
+    original, exported = hfx.safetensors_dict(folder), hfx.safetensors_dict(out)
+    assert sorted(original) == sorted(exported) and "model.layers.2.mlp.shared_expert_gate.weight" in exported
+    for name in original:
+        np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(reloaded) is type(ref_model)

@@ -178,6 +178,7 @@ class FamilySpec:
     # Mixture of experts: `tensors` lay out the sparse layers; `dense_mlp` are the rows of the
     # dense MLP layers among them; the two functions convert the MoE keys of config.json.
     moe: bool = False
+    shared_expert: bool = False  # every sparse layer also has Qwen2-MoE's gated shared expert
     dense_mlp: tuple[Tensor, ...] = ()
     moe_from_hf: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
     moe_to_hf: Optional[Callable[["ModelConfig"], dict[str, Any]]] = None
