@@ -71,8 +71,10 @@ def layer_runs(args):
     params = [jax.random.normal(k, s) * 0.05 for k, s in zip(keys[2:], [(e, h, i), (e, h, i), (e, i, h)])]
 
     def step(ffn, impl=None):
-        loss = lambda x, *w: jnp.sum(ffn(x, weights, experts, *w) ** 2)  # noqa: E731
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+        # routing passed as arguments: as closure constants XLA would constant-fold the sort
+        loss = lambda x, r, e, *w: jnp.sum(ffn(x, r, e, *w) ** 2)  # noqa: E731
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 3, 4, 5)))
+        fn = lambda x, *w: grad(x, weights, experts, *w)  # noqa: E731
         if impl is None:
             return fn
         # experts_ffn calls grouped_matmul with impl="auto"; pin the impl while this jit traces
