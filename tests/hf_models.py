@@ -19,10 +19,16 @@ def redrawn_model(config_class: str, extra: dict, seed: int = 0):
     HF's 0.02 init makes logits nearly constant, which would hide layout bugs and let greedy
     decoding skip most of the network.
     """
+    import transformers
+
+    return redrawn_from_config(getattr(transformers, config_class)(**TINY, **extra), seed)
+
+
+def redrawn_from_config(config, seed: int = 0):
+    """`redrawn_model` for a transformers config object of any size."""
     import torch
     import transformers
 
-    config = getattr(transformers, config_class)(**TINY, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

@@ -12,19 +12,19 @@ import pytest
 
 import jax
 
-from hf_models import hf_greedy
+from hf_models import hf_greedy, redrawn_from_config
 from lt_jax.model import hf, moe
 from lt_jax.model import transformer as tfm
 
 # 3 layers, 4 experts, top-2; layer 1 dense (mlp_only_layers). SPARSE_STEP: layers 0 and 2 dense.
 MAIN = dict(mlp_only_layers=[1], norm_topk_prob=False)
 SPARSE_STEP = dict(decoder_sparse_step=2, norm_topk_prob=True)
+ALL_SPARSE = dict(norm_topk_prob=True)  # the released checkpoints' layout: one stack, one scan
 VOCAB = 256
 
 
 def redrawn_moe(extra: dict, seed: int = 0):
     """A random-init Qwen3MoeForCausalLM with every weight redrawn (norms near 1, others ~N(0, 0.1))."""
-    import torch
     import transformers
 
     config = transformers.Qwen3MoeConfig(
@@ -32,18 +32,13 @@ def redrawn_moe(extra: dict, seed: int = 0):
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
         max_position_embeddings=256, router_aux_loss_coef=0.01, bos_token_id=None, eos_token_id=None, **extra,
     )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    return model
+    return redrawn_from_config(config, seed)
 
 
 @pytest.fixture(scope="module")
 def moe_folders(tmp_path_factory):
     out = {}
-    for name, extra in (("main", MAIN), ("sparse_step", SPARSE_STEP)):
+    for name, extra in (("main", MAIN), ("sparse_step", SPARSE_STEP), ("all_sparse", ALL_SPARSE)):
         model = redrawn_moe(extra)
         folder = str(tmp_path_factory.mktemp(f"hf_qwen3_moe_{name}"))
         model.save_pretrained(folder)
@@ -106,14 +101,15 @@ def test_param_count_and_active_flops(main_model):
     assert families.get("qwen3_moe").flops_per_token(cfg) == 6.0 * matmul
 
 
-@pytest.mark.parametrize("variant", ["main", "sparse_step"])
+@pytest.mark.parametrize("variant", ["main", "sparse_step", "all_sparse"])
 def test_logits_match_transformers_on_padded_rows(moe_folders, variant, hfx):
     folder, ref_model = moe_folders[variant]
     ids, lengths = _padded()
     ref = hfx.hf_logits(ref_model, ids, lengths)
     assert ref.std() > 0.1
     model = hf.load_hf(folder)
-    ours = np.asarray(model(ids, segment_ids=hfx.segment_ids(ids, lengths)))
+    assert (model.dense_layers is None) == (variant == "all_sparse")
+    ours = np.asarray(_jit(model)(ids, segment_ids=hfx.segment_ids(ids, lengths)))
     assert hfx.real_token_diff(ours, ref, lengths) < 1e-4
 
 
@@ -240,11 +236,7 @@ def test_qwen2_moe_shared_expert_matches_transformers_and_exports(hfx, tmp_path)
         num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], max_position_embeddings=256,
         bos_token_id=None, eos_token_id=None,
     )
-    torch.manual_seed(0)
-    ref_model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in ref_model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    ref_model = redrawn_from_config(config)
     folder = str(tmp_path / "qwen2_moe")
     ref_model.save_pretrained(folder)
     model = hf.load_hf(folder)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from lt_jax.config import from_dict
 from lt_jax.model import moe
@@ -80,6 +81,7 @@ def test_train_steps_lower_the_loss_and_report_expert_load():
     assert float(metrics["moe_dropped"]) == 0.0
 
 
+@pytest.mark.slow
 def test_trainer_logs_the_router_metrics(tiny_data, helpers, tmp_path):
     out = str(tmp_path / "run")
     model = dict(MOE, vocab_size=helpers.TINY_MODEL["vocab_size"], router_aux_loss_coef=0.01, capacity_factor=1.0)
