@@ -109,7 +109,8 @@ def main(argv=None) -> int:
 
     from bench import time_interleaved
 
-    print(f"device: {jax.devices()[0].device_kind} | jax {jax.__version__} | process CPUs {sorted(os.sched_getaffinity(0))}")
+    cpus = sorted(os.sched_getaffinity(0))
+    print(f"device: {jax.devices()[0].device_kind} | jax {jax.__version__} | process CPUs {cpus}")
     print(f"layer: {args.tokens} tokens, hidden {args.hidden}, moe_intermediate {args.moe_intermediate}, "
           f"{args.experts} experts, top-{args.top_k}; fwd+bwd, fp32")
     results = time_interleaved(layer_runs(args), args.steps, args.warmup)
@@ -120,8 +121,9 @@ def main(argv=None) -> int:
               f"{args.tokens / medians[name]:12,.0f} tok/s")
     for name in medians:
         if name != "dense":
-            print(f"ratio: dense / {name} = {medians['dense'] / medians[name]:.2f}x (medians of {args.steps} interleaved "
-                  f"steps; >1 means grouped is faster; dense does {args.experts / args.top_k:.0f}x the expert FLOPs)")
+            print(f"ratio: dense / {name} = {medians['dense'] / medians[name]:.2f}x (medians of {args.steps} "
+                  f"interleaved steps; >1 means grouped is faster; dense does {args.experts / args.top_k:.0f}x "
+                  "the expert FLOPs)")
     if args.compare_torch:
         from bench import main as bench_main
 

@@ -57,7 +57,8 @@ def needed(mesh) -> bool:
     active AbstractMesh; None: no mesh)."""
     if mesh is None or mesh.size == 1:
         return False
-    device = getattr(mesh, "abstract_device", None) or getattr(getattr(mesh, "abstract_mesh", None), "abstract_device", None)
+    abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
+    device = abstract.abstract_device
     return shd.axis_size(mesh, AXIS) > 1 or gm.resolve_impl("auto", getattr(device, "platform", None)) == "megablox"
 
 

@@ -49,8 +49,8 @@ def test_experts_on_an_expert_mesh_equal_one_device(axes):
     ref_grads = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(moe.experts_ffn, *args)
     mesh = shd.make_mesh(shd.MeshConfig(**axes))
     tokens = jax.sharding.NamedSharding(mesh, ep.token_spec(mesh))
-    put = [tokens, tokens] + [shd.logical_to_sharding(a, mesh) for a in
-                              [("experts", "embed", "moe_mlp"), ("experts", "embed", "moe_mlp"), ("experts", "moe_mlp", "embed")]]
+    up, down = ("experts", "embed", "moe_mlp"), ("experts", "moe_mlp", "embed")
+    put = [tokens, tokens] + [shd.logical_to_sharding(a, mesh) for a in (up, up, down)]
     assert put[2].spec[0] == "expert" and "expert" in tokens.spec[0]
     sharded = [jax.device_put(a, s) for a, s in zip(args, put)]
     with jax.set_mesh(mesh):
@@ -87,7 +87,8 @@ mesh = shd.make_mesh(shd.MeshConfig(expert=2, fsdp=2), topology.target_devices(t
 T, H, I, E, K = 1024, 256, 384, 8, 2
 sds = lambda shape, dtype, axes: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.logical_to_sharding(axes, mesh))
 x, logits = sds((T, H), jnp.bfloat16, ("act_batch", None)), sds((T, E), jnp.float32, ("act_batch", None))
-ws = [sds(s, jnp.bfloat16, a) for s, a in [((E, H, I), ("experts", "embed", "moe_mlp"))] * 2 + [((E, I, H), ("experts", "moe_mlp", "embed"))]]
+up, down = ((E, H, I), ("experts", "embed", "moe_mlp")), ((E, I, H), ("experts", "moe_mlp", "embed"))
+ws = [sds(s, jnp.bfloat16, a) for s, a in (up, up, down)]
 def loss(x, logits, wg, wu, wd):
     weights, experts = moe.route(logits, K, True)
     return jnp.sum(ep.expert_parallel_ffn(x, weights.astype(x.dtype), experts, wg, wu, wd).astype(jnp.float32) ** 2)
@@ -129,7 +130,8 @@ def _logits_loss_grads(mesh, ids, segment_ids, positions):
     from lt_jax.model.config import ModelConfig
 
     model = tfm.init_model(ModelConfig(**CFG), mesh, seed=3)
-    batch = [jax.device_put(a, shd.logical_to_sharding(("act_batch", "act_seq"), mesh)) for a in (ids, segment_ids, positions)]
+    rows = shd.logical_to_sharding(("act_batch", "act_seq"), mesh)
+    batch = [jax.device_put(a, rows) for a in (ids, segment_ids, positions)]
 
     def loss_fn(model, ids, segment_ids, positions):
         hidden, stats = model.hidden_states_and_router_stats(ids[:, :-1], positions[:, :-1], segment_ids[:, :-1])
