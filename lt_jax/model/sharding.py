@@ -18,6 +18,11 @@ the three names above):
   dcn_data  data parallelism across TPU slices (multi-slice over the data-center network): the batch
             is split over it, parameters are replicated per slice, so the only cross-slice traffic
             is one gradient all-reduce per step.
+  expert    expert parallelism for mixture-of-experts layers: the experts' weights are split over it
+            (the `experts` dimension), and, since its devices would otherwise hold the same tokens,
+            the batch is split over it too and the other weights are sharded over it as over fsdp.
+            The MoE layer brings tokens to their experts' devices and back
+            (lt_jax/model/expert_parallel.py).
 `rules_for(mesh.axis_names)` is the table for a given mesh: the base table plus these extensions.
 """
 
@@ -38,8 +43,8 @@ from lt_jax.config import ConfigError, from_dict
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")  # every mesh has these
 # Every axis a mesh may have, outermost (slowest links) first: mesh_utils lays the last axes onto
 # the nearest chips, so tensor and context (one collective per layer each) get the fastest links.
-ALL_MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "context", "tensor")
-OPTIONAL_AXES: tuple[str, ...] = ("dcn_data", "context")
+ALL_MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "context", "expert", "tensor")
+OPTIONAL_AXES: tuple[str, ...] = ("dcn_data", "context", "expert")
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 
@@ -52,9 +57,9 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("q_heads", "tensor"),  # fused Nq * head_dim output of q_proj / input of o_proj
     ("kv_heads", "tensor"),  # fused Nkv * head_dim output of k_proj / v_proj
     ("mlp", "tensor"),
+    ("experts", None),  # the expert dimension of MoE weights [E, ...]: over `expert` when the mesh has it
     ("layers", None),  # the scanned axis: every device holds its slice of every layer
     ("norm", None),
-    ("experts", None),  # mixture of experts: the expert axis of stacked expert weights
     ("moe_mlp", "tensor"),  # an expert's intermediate width
     # activations
     ("act_batch", ("data", "fsdp")),
@@ -78,6 +83,7 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
 AXIS_EXTENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "dcn_data": (("act_batch", "first"), ("cache_batch", "first")),
     "context": (("act_seq", "last"), ("embed", "last")),
+    "expert": (("experts", "last"), ("act_batch", "last"), ("cache_batch", "last"), ("embed", "last")),
 }
 
 
@@ -101,13 +107,14 @@ def _as_tuple(target: MeshAxes) -> tuple[str, ...]:
 class MeshConfig:
     """Sizes of the mesh axes; -1 (at most one of data/fsdp/context/tensor) takes whatever devices
     the others leave. `context` > 1 shards sequences (long rows); `dcn_data` is the number of TPU
-    slices (multi-slice), over which only the batch is split."""
+    slices (multi-slice), over which only the batch is split; `expert` > 1 splits MoE experts."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
     context: int = 1
     dcn_data: int = 1
+    expert: int = 1
 
     def __post_init__(self):
         if self.dcn_data == -1:
@@ -155,7 +162,7 @@ def _describe(sizes: dict[str, int]) -> str:
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A mesh with axes `cfg.axis_names()` (data, fsdp, tensor, plus context/dcn_data when above 1)
+    """A mesh with axes `cfg.axis_names()` (data, fsdp, tensor, plus context/dcn_data/expert when above 1)
     of Auto type (NNX needs Auto, not Explicit).
 
     Uses `jax.experimental.mesh_utils` to lay the axes onto the physical topology so that

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from lt_jax.model import moe
+from lt_jax.model import expert_parallel, moe
 from lt_jax.model import sharding as shd
 from lt_jax.model.attention import attention
 from lt_jax.model.config import ModelConfig
@@ -251,8 +251,10 @@ class MoEBlock(nnx.Module):
         weights, experts = moe.route(logits, self.top_k, self.norm_topk_prob)
         w = [getattr(self.experts, n).get_value().astype(self.compute_dtype) for n in ("gate_proj", "up_proj", "down_proj")]
         capped = self.capacity_factor is not None
-        out = moe.experts_ffn(tokens, weights, experts, *w, capacity_factor=self.capacity_factor,
-                              valid=valid if capped else None)
+        # A mesh with an expert axis (or a TPU mesh, where megablox must run under shard_map)
+        # takes the expert-parallel path: the same function per device, tokens gathered to it.
+        ffn = expert_parallel.expert_parallel_ffn if expert_parallel.needed(shd.active_mesh()) else moe.experts_ffn
+        out = ffn(tokens, weights, experts, *w, capacity_factor=self.capacity_factor, valid=valid if capped else None)
         dropped = moe.dropped_slots(experts, w[0].shape[0], self.capacity_factor, valid) if capped else None
         out = out.reshape(x.shape)
         if self.shared_expert is not None:

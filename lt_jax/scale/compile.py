@@ -184,12 +184,18 @@ def _gib(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
+def _active(m: dict) -> str:
+    """" (3.35B active)" for a mixture of experts: what the FLOPs (and MFU) count."""
+    active = m.get("active_params_b")
+    return "" if active is None or active == m["params_b"] else f" ({_count(active * 1e9)} active)"
+
+
 def format_report(report: dict) -> str:
     """The human-readable fit table."""
     t, m = report["target"], report["model"]
     lines = [
         f"target  {t['name']}: {t['devices']} x {t['device_kind']} ({t['slices']} slice(s)), mesh {t['mesh']}",
-        f"model   {m['family']} {_count(m['params_b'] * 1e9)} params, {m['num_layers']} layers, "
+        f"model   {m['family']} {_count(m['params_b'] * 1e9)} params{_active(m)}, {m['num_layers']} layers, "
         f"param {m['param_dtype']}, compute {m['compute_dtype']}, remat {m['remat']}, attention {m['attention']}",
     ]
     for name, part in report["compiled"].items():
@@ -234,7 +240,8 @@ def check(cfg, target, *, sampler: Optional[SampleShape] = None, train: bool = T
     report: dict[str, Any] = {
         "target": {"name": target.name, "platform": target.platform, "devices": len(devices), "device_kind": kind,
                    "slices": target.num_slices, "mesh": dict(mesh.shape), "capacity_bytes": capacity},
-        "model": {**dataclasses.asdict(model_config), "params_b": model_config.num_params() / 1e9},
+        "model": {**dataclasses.asdict(model_config), "params_b": model_config.num_params() / 1e9,
+                  "active_params_b": model_config.num_params(active=True) / 1e9},
         "compiled": {},
     }
     if train:
@@ -267,12 +274,12 @@ def check(cfg, target, *, sampler: Optional[SampleShape] = None, train: bool = T
 
 def check_divisible(cfg, mesh) -> None:
     """Rows per micro-batch must split over the batch axes and rows over `context`; say which fields."""
-    shards = shd.axes_size(mesh, ("dcn_data", "data", "fsdp"))
+    shards = shd.axes_size(mesh, ("dcn_data", "data", "fsdp", "expert"))
     micro = cfg.train.global_batch // cfg.train.grad_accum
     if micro % shards:
         raise ValueError(
             f"train.global_batch / train.grad_accum = {micro} rows per micro-batch cannot be split over "
-            f"dcn_data*data*fsdp = {shards} devices; change the batch, grad_accum, or move devices to "
+            f"dcn_data*data*fsdp*expert = {shards} devices; change the batch, grad_accum, or move devices to "
             "mesh.tensor / mesh.context"
         )
     context = shd.axis_size(mesh, "context")

@@ -191,7 +191,7 @@ def test_batch_and_sequence_must_divide_over_the_mesh(small_yaml):
 
     mesh = shd.make_mesh(shd.MeshConfig(fsdp=4, context=2))
     aot.check_divisible(aot.load_config(small_yaml, ["train.global_batch=8", "train.grad_accum=2"]), mesh)
-    with pytest.raises(ValueError, match="4 rows per micro-batch cannot be split over dcn_data\\*data\\*fsdp = 8"):
+    with pytest.raises(ValueError, match="4 rows per micro-batch cannot be split over dcn_data\\*data\\*fsdp\\*expert = 8"):
         aot.check_divisible(aot.load_config(small_yaml, ["train.global_batch=8", "train.grad_accum=2"]),
                             shd.make_mesh(shd.MeshConfig(fsdp=8)))
     with pytest.raises(ValueError, match="data.seq_len 511 is not divisible by mesh.context 2"):
