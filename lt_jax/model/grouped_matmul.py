@@ -34,6 +34,9 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.megablox import ops
+
+from lt_jax.model import sharding as shd
 
 Impl = Literal["auto", "ragged_dot", "megablox", "tiles"]
 
@@ -47,8 +50,6 @@ _DEFAULT = {"tpu": "megablox", "cpu": "tiles"}
 
 def target_platform() -> str:
     """"tpu", "gpu" or "cpu": the active mesh's devices when a mesh is set, else the default backend."""
-    from lt_jax.model import sharding as shd
-
     mesh = shd.active_mesh()
     device = getattr(mesh, "abstract_device", None) if mesh is not None else None
     platform = getattr(device, "platform", None)
@@ -110,8 +111,6 @@ def megablox_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, i
 
 
 def _gmm(lhs, rhs, group_sizes, dtype, tiling, interpret):
-    from jax.experimental.pallas.ops.tpu.megablox import ops
-
     return ops.gmm(lhs, rhs, group_sizes, dtype, tiling, interpret=interpret)
 
 
