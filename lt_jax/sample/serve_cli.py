@@ -8,6 +8,7 @@ model checkpoint (`--checkpoint PATH` / `--hf DIR`), served by `lt_jax.sample.mo
 which provides `from_args(args) -> Backend` and may add its own flags through
 `add_backend_arguments(parser)` (both looked up lazily, so this module does not depend on it).
 The actual address is printed as `serving MODEL at URL` once the socket is bound (useful with --port 0).
+On several hosts (the same command on each), process 0 serves and the others follow its engine.
 """
 
 from __future__ import annotations
@@ -79,7 +80,16 @@ def run(args: argparse.Namespace) -> int:
             return 2
     cfg = ServerConfig(host=args.host, port=args.port, api_key=api_key, reasoning_format=args.reasoning_format,
                        max_batch_sequences=args.max_batch_sequences, batch_window_ms=args.batch_window_ms)
+    # Several hosts (a pod slice, Slurm, JAX_COORDINATOR_ADDRESS): every host runs this command; the
+    # model spans them, process 0 serves and the others follow its engine steps.
+    from lt_jax.train import distributed
+
+    distributed.initialize()
     backend = build_backend(args)
+    engine = getattr(backend, "engine", None)
+    if engine is not None and engine.lockstep and not distributed.is_primary():
+        engine.follow()
+        return 0
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     print(f"serving {backend.name} at http://{host}:{port}/v1", flush=True)
