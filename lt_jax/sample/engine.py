@@ -22,7 +22,7 @@ All decisions (admission, preemption, finishing) are made by this host loop from
 operations and the tokens the device returns, so they are identical wherever the same operations
 are applied in the same order. On several hosts (`hosts`), requests enter at process 0, which
 broadcasts its operations at the start of each step; the other processes replay them (`follow`).
-The device calls are in `engine_calls`.
+The configuration is `engine_config`'s, the device calls are in `engine_calls`.
 """
 
 from __future__ import annotations
@@ -43,60 +43,10 @@ from lt_jax.sample import hosts, paged, penalties
 from lt_jax.sample import rows as rw
 from lt_jax.sample import sampler as smp
 from lt_jax.sample.detokenize import Decode, TextStream
+from lt_jax.sample.engine_calls import abstract_calls  # noqa: F401 (lt-jax compile --sampler)
+from lt_jax.sample.engine_config import STOP_WIDTH, EngineConfig, cache_dtype
 
 log = logging.getLogger(__name__)
-
-STOP_WIDTH = 8  # stop-token columns on device (a power of two; more only if a request needs it)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Slots, pages and chunking. None: derived from the model (see `resolve`)."""
-
-    num_slots: int = 16
-    page_size: int = 16
-    num_pages: Optional[int] = None  # default: every slot can hold max_len tokens (capped by memory)
-    max_len: Optional[int] = None  # prompt + new tokens per sample; default max_position_embeddings
-    decode_steps: int = 16  # decode steps per device call
-    prefill_chunk: int = 256  # prompt tokens per prefill call
-    cache_dtype: Optional[str] = None
-    attn_impl: str = "auto"  # paged attention: auto | xla | pallas
-    max_logprobs: int = 20  # top-N alternatives a request may ask for
-
-    def __post_init__(self):
-        for name in ("num_slots", "page_size", "decode_steps", "prefill_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.prefill_chunk & (self.prefill_chunk - 1):
-            raise ValueError(f"EngineConfig.prefill_chunk must be a power of two, got {self.prefill_chunk}")
-        if self.num_pages is not None and self.num_pages < 2:
-            raise ValueError(f"EngineConfig.num_pages must be >= 2, got {self.num_pages}")
-
-    def resolve(self, model_config) -> "EngineConfig":
-        """The config with max_len and num_pages filled in."""
-        max_len = self.max_len or model_config.max_position_embeddings
-        num_pages = self.num_pages
-        if num_pages is None:
-            num_pages = self.num_slots * paged.pages_for(max_len, self.page_size) + 1
-            budget = _device_kv_budget()
-            if budget is not None:
-                per_page = paged.page_bytes(model_config, self.page_size, _dtype(self.cache_dtype))
-                num_pages = max(2, min(num_pages, budget // per_page))
-        return dataclasses.replace(self, max_len=max_len, num_pages=num_pages)
-
-
-def _dtype(name):
-    return None if name is None else jnp.dtype(name)
-
-
-def _device_kv_budget() -> Optional[int]:
-    """Half the accelerator memory still free (None on CPU, where the demand is allocated)."""
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 2
-
 
 class Update(NamedTuple):
     """New tokens of sample `index` of request `request`; `finish_reason` set on its last update."""
@@ -153,8 +103,9 @@ class Engine:
             log.warning("page budget (%d pages of %d) is below one sample at max_len %d; long samples are refused",
                         cfg.num_pages - 1, cfg.page_size, cfg.max_len)
         self.allocator = paged.PageAllocator(cfg.num_pages)
+        self.counts = penalties.SlotCounts(cfg.num_slots, model.config.vocab_size)
         with smp.mesh_context(self.mesh):
-            self.cache = paged.init_pages(model.config, cfg.num_pages, cfg.page_size, _dtype(cfg.cache_dtype))
+            self.cache = paged.init_pages(model.config, cfg.num_pages, cfg.page_size, cache_dtype(cfg.cache_dtype))
         self.slots: list[Optional[_Seq]] = [None] * cfg.num_slots
         self.queue: collections.deque[_Job] = collections.deque()  # waiting for prefill
         self.ready: collections.deque[_Job] = collections.deque()  # prefilled, samples waiting for slots
@@ -511,10 +462,11 @@ class Engine:
                 token[i], position[i], count[i], done[i] = s.result.tokens[-1], s.length, len(s.result.tokens), False
         params, limits = rw.row_params(specs, n, STOP_WIDTH), rw.row_limits(specs, n)
         specs = [s.spec for s in running]
-        pen = penalties.build(self.slots, n, self.model_config.vocab_size)
-        self.cache, out, _ = calls.decode(self.graphdef, self.params, self.cache, token, position, count, done, table,
-                                  params, limits, pen, steps=steps, mode=smp.sampling_mode(specs),
-                                  attn_impl=cfg.attn_impl, top_n=self._top_n(specs), constrained=calls.constrained(specs))
+        pen = self.counts.for_call(self.slots)
+        self.cache, out, pen = calls.decode(self.graphdef, self.params, self.cache, token, position, count, done,
+                                            table, params, limits, pen, steps=steps, mode=smp.sampling_mode(specs),
+                                            attn_impl=cfg.attn_impl, top_n=self._top_n(specs),
+                                            constrained=calls.constrained(specs))
         out, lp, top_ids, top_lp = (hosts.to_host(x) for x in out)
         self.stats["decode_calls"] += 1
         updates = []
@@ -526,6 +478,7 @@ class Engine:
             asked = s.spec.logprobs is not None
             lps = smp.logprob_rows(lp[i], top_ids[i], top_lp[i], len(new)) if asked else []
             updates += self._advance(s, new, lps)
+        self.counts.after_call(pen, self.slots)
         self.stats["decode_s"] += time.perf_counter() - t0
         self.stats["tokens"] += sum(len(u.tokens) for u in updates)
         self.stats["pages_peak"] = max(self.stats["pages_peak"], self.allocator.in_use)
@@ -549,33 +502,3 @@ class Engine:
             seq.slot = None
         self.allocator.release(seq.pages)
         seq.pages = []
-
-
-# ---------------------------------------------------------------------------------------------
-# Ahead-of-time compiles
-
-
-def abstract_calls(model_config, config: EngineConfig, graphdef, params, array) -> dict[str, tuple]:
-    """The engine's largest device calls as (jitted function, abstract args, static kwargs), for
-    ahead-of-time compiles (`lt-jax compile --sampler`): a full prefill chunk and a decode chunk over
-    every slot at the full page-table width, in the costliest sampling mode. `array(shape, dtype)`
-    makes an abstract argument. The shapes come from the same config the engine resolves."""
-    cfg = config.resolve(model_config)
-    width = paged.pages_for(cfg.max_len, cfg.page_size)
-    dtype = _dtype(cfg.cache_dtype)
-    cache = jax.eval_shape(lambda: paged.init_pages(model_config, cfg.num_pages, cfg.page_size, dtype))
-    cache = jax.tree.map(lambda a: array(a.shape, a.dtype), cache)
-    c, n = cfg.prefill_chunk, cfg.num_slots
-    i32 = jnp.int32
-    prefill_args = (graphdef, params, cache, array((1, c), i32), array((1, c), i32), array((1, c), jnp.bool_),
-                    array((1, width), i32), array((1,), i32))
-    specs = [smp.RowSpec(0, temperature=0.6, top_p=0.95)] * n
-    rows = jax.tree.map(lambda a: array(a.shape, a.dtype), rw.row_params(specs, n, STOP_WIDTH))
-    limits = jax.tree.map(lambda a: array(a.shape, a.dtype), rw.row_limits(specs, n))
-    decode_args = (graphdef, params, cache, array((n,), i32), array((n,), i32), array((n,), i32),
-                   array((n,), jnp.bool_), array((n, width), i32), rows, limits)
-    return {
-        "prefill": (calls.prefill, prefill_args, dict(attn_impl=cfg.attn_impl)),
-        "decode": (calls.decode, decode_args, dict(steps=cfg.decode_steps, mode=smp.sampling_mode(specs),
-                                              attn_impl=cfg.attn_impl)),
-    }

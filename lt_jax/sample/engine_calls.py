@@ -1,6 +1,6 @@
 """The engine's jitted device calls: a prefill chunk, a decode chunk, and the first-token draw.
 
-The scheduling (which rows run, which pages they hold) is `engine.Engine`'s; these functions take
+`abstract_calls` gives their largest shapes for ahead-of-time compiles. The scheduling (which rows run, which pages they hold) is `engine.Engine`'s; these functions take
 its decisions as arrays: tokens, positions, a page table per row, per-row sampling parameters
 (`rows.RowParams`, `rows.Limits`) and optional penalty state (`penalties.Penalties`). Static
 arguments (sampling mode, top-N width, whether min_tokens / min_p are traced) pick a compile;
@@ -18,6 +18,7 @@ from flax import nnx
 from lt_jax.sample import paged, penalties
 from lt_jax.sample import rows as rw
 from lt_jax.sample import sampler as smp
+from lt_jax.sample.engine_config import STOP_WIDTH, EngineConfig, cache_dtype
 
 
 def constrained(specs) -> bool:
@@ -88,3 +89,33 @@ def decode(graphdef, params, cache, token, position, count, done, table, rows: r
     carry = (jnp.int32(0), cache, token, position, count, done, out, pen)
     _, cache, _, _, _, _, out, pen = jax.lax.while_loop(cond, body, carry)
     return cache, out, pen
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compiles
+
+
+def abstract_calls(model_config, config: EngineConfig, graphdef, params, array) -> dict[str, tuple]:
+    """The engine's largest device calls as (jitted function, abstract args, static kwargs), for
+    ahead-of-time compiles (`lt-jax compile --sampler`): a full prefill chunk and a decode chunk over
+    every slot at the full page-table width, in the costliest sampling mode. `array(shape, dtype)`
+    makes an abstract argument. The shapes come from the same config the engine resolves."""
+    cfg = config.resolve(model_config)
+    width = paged.pages_for(cfg.max_len, cfg.page_size)
+    dtype = cache_dtype(cfg.cache_dtype)
+    cache = jax.eval_shape(lambda: paged.init_pages(model_config, cfg.num_pages, cfg.page_size, dtype))
+    cache = jax.tree.map(lambda a: array(a.shape, a.dtype), cache)
+    c, n = cfg.prefill_chunk, cfg.num_slots
+    i32 = jnp.int32
+    prefill_args = (graphdef, params, cache, array((1, c), i32), array((1, c), i32), array((1, c), jnp.bool_),
+                    array((1, width), i32), array((1,), i32))
+    specs = [smp.RowSpec(0, temperature=0.6, top_p=0.95)] * n
+    rows = jax.tree.map(lambda a: array(a.shape, a.dtype), rw.row_params(specs, n, STOP_WIDTH))
+    limits = jax.tree.map(lambda a: array(a.shape, a.dtype), rw.row_limits(specs, n))
+    decode_args = (graphdef, params, cache, array((n,), i32), array((n,), i32), array((n,), i32),
+                   array((n,), jnp.bool_), array((n, width), i32), rows, limits)
+    return {
+        "prefill": (prefill, prefill_args, dict(attn_impl=cfg.attn_impl)),
+        "decode": (decode, decode_args, dict(steps=cfg.decode_steps, mode=smp.sampling_mode(specs),
+                                             attn_impl=cfg.attn_impl)),
+    }
