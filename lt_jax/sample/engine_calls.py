@@ -1,10 +1,11 @@
 """The engine's jitted device calls: a prefill chunk, a decode chunk, and the first-token draw.
 
-`abstract_calls` gives their largest shapes for ahead-of-time compiles. The scheduling (which rows run, which pages they hold) is `engine.Engine`'s; these functions take
+The scheduling (which rows run, which pages they hold) is `engine.Engine`'s; these functions take
 its decisions as arrays: tokens, positions, a page table per row, per-row sampling parameters
 (`rows.RowParams`, `rows.Limits`) and optional penalty state (`penalties.Penalties`). Static
 arguments (sampling mode, top-N width, whether min_tokens / min_p are traced) pick a compile;
-the engine keeps their number small.
+the engine keeps their number small. `abstract_calls` gives their largest shapes for
+ahead-of-time compiles (`lt-jax compile --sampler`).
 """
 
 from __future__ import annotations

@@ -263,6 +263,8 @@ class EngineRunner:
 
     def close(self) -> None:
         self._stop.set()
+        if self.backend.engine.lockstep and self._thread.is_alive():
+            self._thread.join(timeout=60)  # its last act releases the other hosts (Engine.close)
 
 
 async def _events(out: asyncio.Queue, expected: int, watch: web.Request | None = None

@@ -1,6 +1,7 @@
 """The engine on two processes (jax.distributed over gloo, one mesh across both) gives what it gives
 on one: requests enter at process 0, the other process follows its operations, and both make the
-same admission, preemption and finish decisions, under page pressure too."""
+same admission, preemption and finish decisions, under page pressure too; `lt-jax serve`'s engine
+runner on process 0 answers the openai client as a single process does."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from test_generate import hf_folder  # noqa: F401 (a tiny Qwen2 folder with its tokenizer)
 
 from lt_jax.sample import hosts
 
@@ -48,7 +51,38 @@ def _session(engine, prompts, smp) -> dict:
                 free=engine.allocator.available, busy=engine.busy, requests=sorted(engine.requests))
 
 
-def _worker(pid: int, nproc: int, port: int, out: str) -> None:
+def _http(backend, engine_cfg) -> list:
+    """Phase 3, `lt-jax serve` on several hosts: process 0 serves the official openai client (a
+    streamed chat with logprobs while a completion runs), the others follow its engine."""
+    import concurrent.futures
+
+    import openai
+
+    from lt_jax.sample.server import ServerConfig, ServerThread
+
+    if not hosts.primary():
+        backend.engine.follow()  # returns when process 0's server stops
+        return []
+    with ServerThread(backend, ServerConfig(port=0)) as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="-", max_retries=0)
+        chat = lambda: list(client.chat.completions.create(  # noqa: E731
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=0.8, top_p=0.9, seed=3,
+            max_tokens=12, logprobs=True, top_logprobs=2, stream=True, extra_body=dict(ignore_eos=True)))
+        completion = lambda: client.completions.create(  # noqa: E731
+            model="tiny", prompt="12+30=", temperature=0.8, top_p=0.9, seed=4, max_tokens=16,
+            extra_body=dict(ignore_eos=True))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            chunks, done = pool.submit(chat), pool.submit(completion)
+            chunks, done = chunks.result(), done.result()
+    # How tokens group into chunks depends on when each request reached the engine (timing), so
+    # the stream is compared as its text and its token logprobs, and the number of chunks with some.
+    parts = [c for ch in chunks for c in ch.choices]
+    lps = [(x.token, x.logprob) for c in parts if c.logprobs for x in c.logprobs.content]
+    return ["".join(c.delta.content or "" for c in parts), lps, sum(1 for c in parts if c.logprobs),
+            done.choices[0].text, done.choices[0].finish_reason]
+
+
+def _worker(pid: int, nproc: int, port: int, out: str, folder: str) -> None:
     """A child process: 4 CPU devices in all (4 // nproc here), a data=1 x fsdp=2 x tensor=2 mesh."""
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // nproc}"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -57,37 +91,37 @@ def _worker(pid: int, nproc: int, port: int, out: str) -> None:
     if nproc > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
-    from lt_jax.model.config import ModelConfig
+    from lt_jax.model.hf import load_hf
     from lt_jax.model.sharding import MeshConfig, make_mesh
-    from lt_jax.model.transformer import init_model
     from lt_jax.sample import engine as eng
     from lt_jax.sample import sampler as smp
+    from lt_jax.sample.generate import load_tokenizer
+    from lt_jax.sample.model_backend import ModelBackend
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2))
-    cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=64)
-    model = init_model(cfg, mesh, seed=0)
+    model = load_hf(folder, mesh=mesh)
     rng = np.random.RandomState(0)
-    prompts = [[int(t) for t in rng.randint(1, cfg.vocab_size, size=n)] for n in PROMPT_LENS]
+    prompts = [[int(t) for t in rng.randint(1, model.config.vocab_size, size=n)] for n in PROMPT_LENS]
     # 5 pages of 8 tokens for 2 slots: the longest sample alone needs 5, two together up to 10. One
-    # sampling mode and no logprobs keep the compiles few (one decode per page-table width).
-    engine = eng.Engine(model, eng.EngineConfig(num_slots=2, page_size=8, decode_steps=4, prefill_chunk=16,
-                                                num_pages=6), mesh)
-    view = _session(engine, prompts, smp)
+    # sampling mode keeps the compiles few (one decode per page-table width and logprob width).
+    cfg = eng.EngineConfig(num_slots=2, page_size=8, decode_steps=4, prefill_chunk=16, num_pages=6)
+    view = _session(eng.Engine(model, cfg, mesh), prompts, smp)
+    view["http"] = _http(ModelBackend(model, load_tokenizer(folder), "tiny", mesh=mesh, config=cfg,
+                                      max_new_tokens=24), cfg)
     with open(os.path.join(out, f"n{nproc}_p{pid}.json"), "w") as f:
         json.dump(view, f)
 
 
 @pytest.mark.slow
-def test_two_processes_follow_process_0_and_match_one_process(tmp_path):
+def test_two_processes_follow_process_0_and_match_one_process(hf_folder, tmp_path):  # noqa: F811
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_hosts; "
-            "test_hosts._worker(*map(int, sys.argv[1:4]), sys.argv[4])")
+            "test_hosts._worker(*map(int, sys.argv[1:4]), *sys.argv[4:6])")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     runs = [(0, 1), (0, 2), (1, 2)]
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(pid), str(n), str(port), str(tmp_path)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(pid), str(n), str(port), str(tmp_path), hf_folder], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid, n in runs]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(log[-3000:] for log in logs)
@@ -105,3 +139,9 @@ def test_two_processes_follow_process_0_and_match_one_process(tmp_path):
     assert p0["results"] == one["results"] and p1["results"] == {}
     reasons = [r for rs in one["results"].values() for _, r in rs]
     assert "cancelled" in reasons and "length" in reasons
+    # Through the server: process 0 answers as one process does; the other served nothing itself.
+    chat, lps, with_lps, text, reason = one["http"]
+    assert p1["http"] == [] and len(lps) == 12 and with_lps > 1 and text and reason == "length"
+    assert [p0["http"][i] for i in (0, 3, 4)] == [chat, text, reason]
+    assert [t for t, _ in p0["http"][1]] == [t for t, _ in lps]
+    np.testing.assert_allclose([x for _, x in p0["http"][1]], [x for _, x in lps], rtol=1e-4, atol=1e-5)

@@ -84,8 +84,9 @@ def test_slot_counts_kept_on_device_equal_a_fresh_host_build():
 
     def sample(penalised):
         spec = smp.RowSpec(0, frequency_penalty=0.5 if penalised else 0.0)
+        tokens = list(rng.randint(0, vocab, rng.randint(1, 4)))
         return types.SimpleNamespace(spec=spec, prompt=list(rng.randint(0, vocab, 5)),
-                                     result=types.SimpleNamespace(tokens=list(rng.randint(0, vocab, rng.randint(1, 4)))))
+                                     result=types.SimpleNamespace(tokens=tokens))
 
     slots, parked, state, calls = [None] * rows, [], penalties.SlotCounts(rows, vocab), 0
     for _ in range(60):
