@@ -44,7 +44,7 @@ from lt_jax.model import sharding as shd
 from lt_jax.model import transformer as tfm
 from lt_jax.sampling import derive_seed
 from lt_jax.sample.hosts import to_host
-from lt_jax.sample.rows import NO_TOKEN, Limits, RowParams, finished, row_limits, row_params  # noqa: F401
+from lt_jax.sample.rows import NO_TOKEN, RowParams, finished, row_params
 from lt_jax.sample.detokenize import Decode, TextStream
 
 log = logging.getLogger(__name__)
