@@ -21,6 +21,8 @@ import os
 import signal
 import sys
 
+from lt_jax.train import distributed
+
 MODEL_BACKEND = "lt_jax.sample.model_backend"
 
 
@@ -82,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
                        max_batch_sequences=args.max_batch_sequences, batch_window_ms=args.batch_window_ms)
     # Several hosts (a pod slice, Slurm, JAX_COORDINATOR_ADDRESS): every host runs this command; the
     # model spans them, process 0 serves and the others follow its engine steps.
-    from lt_jax.train import distributed
-
     distributed.initialize()
     backend = build_backend(args)
     engine = getattr(backend, "engine", None)
