@@ -5,6 +5,7 @@ runner on process 0 answers the openai client as a single process does."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -12,11 +13,13 @@ import subprocess
 import sys
 
 import numpy as np
+import openai
 import pytest
 
 from test_generate import hf_folder  # noqa: F401 (a tiny Qwen2 folder with its tokenizer)
 
 from lt_jax.sample import hosts
+from lt_jax.sample.server import ServerConfig, ServerThread
 
 PROMPT_LENS = (11, 4, 23, 7, 9)
 
@@ -51,15 +54,9 @@ def _session(engine, prompts, smp) -> dict:
                 free=engine.allocator.available, busy=engine.busy, requests=sorted(engine.requests))
 
 
-def _http(backend, engine_cfg) -> list:
+def _http(backend) -> list:
     """Phase 3, `lt-jax serve` on several hosts: process 0 serves the official openai client (a
     streamed chat with logprobs while a completion runs), the others follow its engine."""
-    import concurrent.futures
-
-    import openai
-
-    from lt_jax.sample.server import ServerConfig, ServerThread
-
     if not hosts.primary():
         backend.engine.follow()  # returns when process 0's server stops
         return []
@@ -91,6 +88,7 @@ def _worker(pid: int, nproc: int, port: int, out: str, folder: str) -> None:
     if nproc > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+    # Imported once jax.distributed runs (before, nothing may touch a device).
     from lt_jax.model.hf import load_hf
     from lt_jax.model.sharding import MeshConfig, make_mesh
     from lt_jax.sample import engine as eng
@@ -107,7 +105,7 @@ def _worker(pid: int, nproc: int, port: int, out: str, folder: str) -> None:
     cfg = eng.EngineConfig(num_slots=2, page_size=8, decode_steps=4, prefill_chunk=16, num_pages=6)
     view = _session(eng.Engine(model, cfg, mesh), prompts, smp)
     view["http"] = _http(ModelBackend(model, load_tokenizer(folder), "tiny", mesh=mesh, config=cfg,
-                                      max_new_tokens=24), cfg)
+                                      max_new_tokens=24))
     with open(os.path.join(out, f"n{nproc}_p{pid}.json"), "w") as f:
         json.dump(view, f)
 
