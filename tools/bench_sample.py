@@ -28,6 +28,10 @@ of a lockstep batch vs the engine's peak pages in use, and the engine's page poo
 
     python tools/bench_sample.py --workload heavy-tail --requests 256 --cap 512 --slots 32
 
+With --frequency-penalty F (heavy-tail), every engine request also sets frequency_penalty F and
+repetition_penalty 1.1 (per-slot token counts on device); the lockstep side is skipped (the
+lockstep sampler refuses penalties), so the line reports the engine alone.
+
 Decode roofline (memory-bound regime). One decode step must read every weight once and every
 cached key/value it attends to:
   bytes/step = P_bytes + KV_bytes
@@ -86,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cap", type=int, default=512, help="heavy-tail: max new tokens per request")
     p.add_argument("--slots", type=int, default=32, help="heavy-tail: engine slots = lockstep batch rows")
     p.add_argument("--page-size", type=int, default=16, help="heavy-tail: engine page size")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="heavy-tail: engine requests with penalties (lockstep skipped: it refuses them)")
     return p.parse_args(argv)
 
 
@@ -205,7 +211,9 @@ def heavy_tail(model, mesh, args) -> dict:
     lengths = np.clip(rng.lognormal(np.log(args.cap / 3) - sigma ** 2 / 2, sigma, args.requests), 1, args.cap)
     lengths = [int(n) for n in lengths]
     prompts = [[int(t) for t in rng.randint(1, cfg.vocab_size, size=rng.randint(16, 65))] for _ in lengths]
-    spec = lambda i, n: smp.RowSpec(i, smp.row_seed(0, i), temperature=args.temperature, max_new_tokens=n)  # noqa: E731
+    pen = dict(frequency_penalty=args.frequency_penalty, repetition_penalty=1.1) if args.frequency_penalty else {}
+    spec = lambda i, n, **kw: smp.RowSpec(i, smp.row_seed(0, i), temperature=args.temperature,  # noqa: E731
+                                          max_new_tokens=n, **kw)
     sampler = smp.Sampler(model, mesh, smp.SamplerConfig(chunk_size=args.chunk_size))
     config = eng.EngineConfig(num_slots=args.slots, page_size=args.page_size, decode_steps=args.chunk_size,
                               max_len=64 + args.cap)
@@ -214,6 +222,8 @@ def heavy_tail(model, mesh, args) -> dict:
 
     def lockstep():
         dense = 0
+        if pen:
+            return 0
         for start in range(0, len(prompts), args.slots):
             group = range(start, min(start + args.slots, len(prompts)))
             rows = [spec(k, lengths[i]) for k, i in enumerate(group)]
@@ -223,7 +233,7 @@ def heavy_tail(model, mesh, args) -> dict:
         return dense
 
     def engine_run():
-        engine.run(prompts, [[spec(0, n)] for n in lengths])
+        engine.run(prompts, [[spec(0, n, **pen)] for n in lengths])
 
     lockstep(), engine_run()  # compile every shape both sides use
     engine.stats.clear()
@@ -242,8 +252,13 @@ def heavy_tail(model, mesh, args) -> dict:
                preempted=engine.stats["preempted"])
     print(f"heavy-tail: {args.requests} requests, cap {args.cap}, mean {rec['mean_len']:.0f} new tokens, "
           f"{args.slots} slots/rows")
-    print(f"  lockstep {rec['lockstep_tok_s']:.0f} tok/s, engine {rec['engine_tok_s']:.0f} tok/s "
-          f"({rec['speedup']:.2f}x)")
+    if pen:
+        rec.update(lockstep_tok_s=None, speedup=None, penalties=pen)
+        print(f"  engine with penalties {pen}: {rec['engine_tok_s']:.0f} tok/s "
+              f"({engine.stats['decode_calls']} decode calls, {engine.stats['decode_s']:.2f} s in them)")
+    else:
+        print(f"  lockstep {rec['lockstep_tok_s']:.0f} tok/s, engine {rec['engine_tok_s']:.0f} tok/s "
+              f"({rec['speedup']:.2f}x)")
     print(f"  KV held: lockstep dense cache {dense / 2**20:.1f} MiB per batch; engine peak pages "
           f"{rec['engine_kv_peak_bytes'] / 2**20:.1f} MiB (pool {rec['engine_kv_pool_bytes'] / 2**20:.1f} MiB)")
     return rec

@@ -102,7 +102,8 @@ class StreamEvent:
     finish_reason: str | None = None
     completion_tokens: int = 0
     prompt_tokens: int = 0
-    # last event, when asked: per token (text, logprob, ((text, logprob), ...) alternatives)
+    # when asked: per token this event adds (text, logprob, ((text, logprob), ...) alternatives); a
+    # choice's logprobs are those of its events in order (a batch backend puts all in the last one)
     logprobs: tuple | None = None
 
 

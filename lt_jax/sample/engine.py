@@ -19,15 +19,16 @@ a seeded sample gives the same tokens whatever else runs, when it was admitted, 
 how many slots there are, the page size, and whether it was preempted.
 
 All decisions (admission, preemption, finishing) are made by this host loop from the request
-stream and the tokens the device returns, so they are identical wherever the same requests are
-submitted in the same order.
+operations and the tokens the device returns, so they are identical wherever the same operations
+are applied in the same order. On several hosts (`hosts`), requests enter at process 0, which
+broadcasts its operations at the start of each step; the other processes replay them (`follow`).
+The configuration is `engine_config`'s, the device calls are in `engine_calls`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -37,63 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lt_jax.sample import paged, penalties
+from lt_jax.sample import engine_calls as calls
+from lt_jax.sample import hosts, paged, penalties
+from lt_jax.sample import rows as rw
 from lt_jax.sample import sampler as smp
 from lt_jax.sample.detokenize import Decode, TextStream
+from lt_jax.sample.engine_calls import abstract_calls  # noqa: F401 (lt-jax compile --sampler)
+from lt_jax.sample.engine_config import STOP_WIDTH, EngineConfig, cache_dtype
 
 log = logging.getLogger(__name__)
-
-_STOP_WIDTH = 8  # stop-token columns on device (a power of two; more only if a request needs it)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Slots, pages and chunking. None: derived from the model (see `resolve`)."""
-
-    num_slots: int = 16
-    page_size: int = 16
-    num_pages: Optional[int] = None  # default: every slot can hold max_len tokens (capped by memory)
-    max_len: Optional[int] = None  # prompt + new tokens per sample; default max_position_embeddings
-    decode_steps: int = 16  # decode steps per device call
-    prefill_chunk: int = 256  # prompt tokens per prefill call
-    cache_dtype: Optional[str] = None
-    attn_impl: str = "auto"  # paged attention: auto | xla | pallas
-    max_logprobs: int = 20  # top-N alternatives a request may ask for
-
-    def __post_init__(self):
-        for name in ("num_slots", "page_size", "decode_steps", "prefill_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.prefill_chunk & (self.prefill_chunk - 1):
-            raise ValueError(f"EngineConfig.prefill_chunk must be a power of two, got {self.prefill_chunk}")
-        if self.num_pages is not None and self.num_pages < 2:
-            raise ValueError(f"EngineConfig.num_pages must be >= 2, got {self.num_pages}")
-
-    def resolve(self, model_config) -> "EngineConfig":
-        """The config with max_len and num_pages filled in."""
-        max_len = self.max_len or model_config.max_position_embeddings
-        num_pages = self.num_pages
-        if num_pages is None:
-            num_pages = self.num_slots * paged.pages_for(max_len, self.page_size) + 1
-            budget = _device_kv_budget()
-            if budget is not None:
-                per_page = paged.page_bytes(model_config, self.page_size, _dtype(self.cache_dtype))
-                num_pages = max(2, min(num_pages, budget // per_page))
-        return dataclasses.replace(self, max_len=max_len, num_pages=num_pages)
-
-
-def _dtype(name):
-    return None if name is None else jnp.dtype(name)
-
-
-def _device_kv_budget() -> Optional[int]:
-    """Half the accelerator memory still free (None on CPU, where the demand is allocated)."""
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 2
-
 
 class Update(NamedTuple):
     """New tokens of sample `index` of request `request`; `finish_reason` set on its last update."""
@@ -139,7 +92,7 @@ class Engine:
     calls submit / cancel / step (the server runs it on its backend thread)."""
 
     def __init__(self, model, config: EngineConfig = EngineConfig(), mesh=None, decode: Optional[Decode] = None):
-        self.config = config.resolve(model.config)
+        self.config = hosts.agree(config.resolve(model.config))  # process 0's page budget everywhere
         self.model_config = model.config
         self.mesh = smp.model_mesh(model) if mesh is None else mesh
         self.graphdef, self.params = nnx.split(model)
@@ -150,8 +103,9 @@ class Engine:
             log.warning("page budget (%d pages of %d) is below one sample at max_len %d; long samples are refused",
                         cfg.num_pages - 1, cfg.page_size, cfg.max_len)
         self.allocator = paged.PageAllocator(cfg.num_pages)
+        self.counts = penalties.SlotCounts(cfg.num_slots, model.config.vocab_size)
         with smp.mesh_context(self.mesh):
-            self.cache = paged.init_pages(model.config, cfg.num_pages, cfg.page_size, _dtype(cfg.cache_dtype))
+            self.cache = paged.init_pages(model.config, cfg.num_pages, cfg.page_size, cache_dtype(cfg.cache_dtype))
         self.slots: list[Optional[_Seq]] = [None] * cfg.num_slots
         self.queue: collections.deque[_Job] = collections.deque()  # waiting for prefill
         self.ready: collections.deque[_Job] = collections.deque()  # prefilled, samples waiting for slots
@@ -161,6 +115,9 @@ class Engine:
         self._admissions = 0
         self._stalls = 0
         self.stats = collections.Counter()
+        self.inbox = hosts.Inbox() if hosts.several() else None  # multi-host: process 0's operations
+        self._awaiting: set[int] = set()  # other processes: ids submitted here, not yet sent by process 0
+        self.closed = False
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -193,30 +150,51 @@ class Engine:
 
     def submit(self, prompt: Sequence[int], specs: Sequence[smp.RowSpec], *, track_text: bool = False) -> int:
         """Queues a request (one sample per spec); returns its id. Raises ValueError (nothing queued)
-        when it cannot be served."""
+        when it cannot be served. On several hosts only process 0's requests run: another process
+        that submits the same requests in the same order (every host running one program) gets
+        the same ids, and their results once process 0's operations reach it."""
         self.check(prompt, specs)
         rid = self._next_request
-        self._next_request += 1
-        prompt = list(prompt)
+        if self.inbox is not None and not self.inbox.primary:
+            self._awaiting.add(rid)
+            self._next_request += 1
+            return rid
+        self._open(rid, list(prompt), list(specs), track_text)
+        return rid
+
+    def _open(self, rid: int, prompt: list, specs: list, track_text: bool) -> None:
+        if self.inbox is not None:
+            self.inbox.record("open", rid, prompt, specs, track_text)
+        self._next_request = max(self._next_request, rid + 1)
+        self._awaiting.discard(rid)
         seqs = [_Seq(rid, j, s, prompt, smp.RowResult(
             [], stream=TextStream(self.decode, s.stop) if (s.stop or track_text) else None))
             for j, s in enumerate(specs)]
         self.requests[rid] = seqs
         self.queue.append(_Job(prompt, collections.deque(seqs)))
-        return rid
 
     def results(self, rid: int) -> list[smp.RowResult]:
         return [s.result for s in self.requests[rid]]
 
     def pop(self, rid: int) -> list[smp.RowResult]:
         """The results of a finished request, forgetting it."""
+        if self.inbox is not None:
+            self.inbox.record("pop", rid)
         return [s.result for s in self.requests.pop(rid)]
 
     def finished(self, rid: int) -> bool:
         return all(s.result.finish_reason is not None for s in self.requests[rid])
 
     def cancel(self, rid: int) -> None:
-        """Stops a request now: its slots and pages are freed; unfinished samples end "cancelled"."""
+        """Stops a request now: its slots and pages are freed; unfinished samples end "cancelled".
+        On several hosts only process 0's cancels count (the others follow them)."""
+        if self.inbox is not None:
+            if not self.inbox.primary:
+                return
+            self.inbox.record("cancel", rid)
+        self._cancel(rid)
+
+    def _cancel(self, rid: int) -> None:
         seqs = self.requests.get(rid)
         if seqs is None:
             return
@@ -233,9 +211,41 @@ class Engine:
             self.allocator.release(self.prefilling.pages)
             self.prefilling = None
 
+    # -- several hosts ----------------------------------------------------------------------------
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether several processes run this engine: each step is then taken by all of them
+        together, so a server steps it even when idle (the others wait in `follow`)."""
+        return self.inbox is not None
+
+    def follow(self) -> None:
+        """Processes other than 0: steps in lockstep with process 0 until it calls `close`."""
+        while not self.closed:
+            self.step()
+
+    def close(self) -> None:
+        """Process 0: ends the other processes' `follow` (one exchange, matching their step)."""
+        if self.inbox is not None and self.inbox.primary and not self.closed:
+            self.inbox.record("close")
+            self.inbox.exchange()
+        self.closed = True
+
+    def _sync(self) -> None:
+        """Every process: process 0's operations since the last step, replayed on the others."""
+        for op, *args in self.inbox.exchange():
+            if op == "open":
+                self._open(*args)
+            elif op == "cancel":
+                self._cancel(*args)
+            elif op == "pop":
+                self.requests.pop(args[0], None)
+            elif op == "close":
+                self.closed = True
+
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.ready or self.prefilling or any(self.slots))
+        return bool(self._awaiting or self.queue or self.ready or self.prefilling or any(self.slots))
 
     def run(self, prompts: Sequence[Sequence[int]], specs: Sequence[Sequence[smp.RowSpec]],
             track_text: bool = False) -> list[list[smp.RowResult]]:
@@ -249,6 +259,10 @@ class Engine:
 
     def step(self) -> list[Update]:
         """One round: admit waiting samples into free slots, one prefill chunk, one decode chunk."""
+        if self.inbox is not None:
+            self._sync()
+            if self.closed:
+                return []
         before = (self.stats["prefill_calls"], self.stats["decode_calls"], self._admissions)
         with smp.mesh_context(self.mesh):
             updates = self._admit()
@@ -332,13 +346,13 @@ class Engine:
         rows = smp.batch_bucket(k, 1)
         logits = jnp.concatenate([job.logits for _, job in placed] + [placed[0][1].logits] * (rows - k), axis=0)
         specs = [seq.spec for seq, _ in placed]
-        params = smp._row_params(specs, rows)
+        params = rw.row_params(specs, rows)
         counts = np.zeros(rows, np.int32)
         counts[:k] = [len(seq.result.tokens) for seq, _ in placed]
         pen = penalties.build([seq for seq, _ in placed], rows, logits.shape[-1])
-        drawn = _draw(logits, params, counts, smp.row_limits(specs, rows), pen, mode=smp.sampling_mode(specs),
-                      top_n=self._top_n(specs), constrained=_constrained(specs))
-        first, lp, top_ids, top_lp = (np.asarray(x)[:, None] for x in drawn)
+        drawn = calls.draw(logits, params, counts, rw.row_limits(specs, rows), pen, mode=smp.sampling_mode(specs),
+                      top_n=self._top_n(specs), constrained=calls.constrained(specs))
+        first, lp, top_ids, top_lp = (hosts.to_host(x)[:, None] for x in drawn)
         updates = []
         for i, (seq, _) in enumerate(placed):
             asked = seq.spec.logprobs is not None
@@ -374,7 +388,7 @@ class Engine:
         positions = (job.done + np.arange(size, dtype=np.int32))[None]
         valid = (np.arange(size) < n)[None]
         table = self._table([job.pages], 1, self.width)
-        self.cache, logits = _prefill(self.graphdef, self.params, self.cache, tokens, positions, valid, table,
+        self.cache, logits = calls.prefill(self.graphdef, self.params, self.cache, tokens, positions, valid, table,
                                       np.asarray([n - 1], np.int32), attn_impl=self.config.attn_impl)
         job.done += n
         self.stats["prefill_calls"] += 1
@@ -446,23 +460,25 @@ class Engine:
         for i, s in enumerate(self.slots):
             if s is not None:
                 token[i], position[i], count[i], done[i] = s.result.tokens[-1], s.length, len(s.result.tokens), False
-        params, limits = _slot_params(specs, n), smp.row_limits(specs, n)
+        params, limits = rw.row_params(specs, n, STOP_WIDTH), rw.row_limits(specs, n)
         specs = [s.spec for s in running]
-        pen = penalties.build(self.slots, n, self.model_config.vocab_size)
-        self.cache, out = _decode(self.graphdef, self.params, self.cache, token, position, count, done, table,
-                                  params, limits, pen, steps=steps, mode=smp.sampling_mode(specs),
-                                  attn_impl=cfg.attn_impl, top_n=self._top_n(specs), constrained=_constrained(specs))
-        out, lp, top_ids, top_lp = (smp._to_host(x) for x in out)
+        pen = self.counts.for_call(self.slots)
+        self.cache, out, pen = calls.decode(self.graphdef, self.params, self.cache, token, position, count, done,
+                                            table, params, limits, pen, steps=steps, mode=smp.sampling_mode(specs),
+                                            attn_impl=cfg.attn_impl, top_n=self._top_n(specs),
+                                            constrained=calls.constrained(specs))
+        out, lp, top_ids, top_lp = (hosts.to_host(x) for x in out)
         self.stats["decode_calls"] += 1
         updates = []
         for i, s in enumerate(list(self.slots)):
             if s is None:
                 continue
-            new = [int(t) for t in out[i] if t != smp._NO_TOKEN]
+            new = [int(t) for t in out[i] if t != rw.NO_TOKEN]
             s.length += len(new)
             asked = s.spec.logprobs is not None
             lps = smp.logprob_rows(lp[i], top_ids[i], top_lp[i], len(new)) if asked else []
             updates += self._advance(s, new, lps)
+        self.counts.after_call(pen, self.slots)
         self.stats["decode_s"] += time.perf_counter() - t0
         self.stats["tokens"] += sum(len(u.tokens) for u in updates)
         self.stats["pages_peak"] = max(self.stats["pages_peak"], self.allocator.in_use)
@@ -486,117 +502,3 @@ class Engine:
             seq.slot = None
         self.allocator.release(seq.pages)
         seq.pages = []
-
-
-def _constrained(specs) -> bool:
-    """Whether any row sets min_tokens or min_p (the draw then masks logits; one compile each way)."""
-    return any(s.min_tokens or s.min_p for s in specs)
-
-
-def _slot_params(specs: Sequence[Optional[smp.RowSpec]], n: int) -> smp.RowParams:
-    """Per-slot sampling parameters (empty slots: greedy, budget 0)."""
-    width = max([_STOP_WIDTH] + [len(s.stop_token_ids) for s in specs if s is not None])
-    width = 1 << (width - 1).bit_length()
-    stop_ids = np.full((n, width), smp._NO_TOKEN, np.int32)
-    seed, budget = np.zeros(n, np.uint32), np.zeros(n, np.int32)
-    temperature, top_p, top_k = np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.int32)
-    for i, s in enumerate(specs):
-        if s is None:
-            continue
-        stop_ids[i, : len(s.stop_token_ids)] = s.stop_token_ids
-        seed[i], budget[i] = s.seed & 0xFFFFFFFF, s.max_new_tokens
-        temperature[i], top_p[i], top_k[i] = s.temperature, s.top_p, s.top_k
-    return smp.RowParams(seed, temperature, top_p, top_k, budget, stop_ids)
-
-
-# ---------------------------------------------------------------------------------------------
-# Device functions
-
-
-def _sample(logits, rows: smp.RowParams, count, limits: smp.Limits, mode: str, top_n: int, constrained: bool,
-            pen=None):
-    """(tokens, logprobs...): the draw under the penalties (`pen`; None: off) and min_tokens / min_p (traced
-    when a row sets them: `constrained`); logprobs of the raw distribution after temperature."""
-    allowed = logits if pen is None else penalties.apply(logits, pen)
-    if constrained:
-        allowed = smp.constrain_logits(allowed, count, rows.temperature, rows.stop_ids, limits.min_tokens,
-                                       limits.min_p)
-    tok = smp.sample_from_logits(allowed, smp.step_keys(rows.seed, count), rows.temperature, rows.top_p, rows.top_k,
-                                 mode=mode)
-    return (tok,) + smp.token_logprobs(logits, rows.temperature, tok, top_n)
-
-
-@functools.partial(jax.jit, static_argnames=("mode", "top_n", "constrained"))
-def _draw(logits, rows: smp.RowParams, counts, limits: smp.Limits, pen=None, *, mode, top_n, constrained):
-    return _sample(logits, rows, counts, limits, mode, top_n, constrained, pen)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"), donate_argnames=("cache",))
-def _prefill(graphdef, params, cache, tokens, positions, valid, table, last, *, attn_impl: str):
-    """One prefill chunk of one prompt -> (pages, logits [1, V] of its last valid token)."""
-    model = nnx.merge(graphdef, params)
-    impl = "xla" if attn_impl == "pallas" else attn_impl  # the kernels decode one token per row
-    logits, cache = paged.forward(model, tokens, positions, valid, table, cache, last, attn_impl=impl)
-    return cache, logits
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "attn_impl", "top_n", "constrained"),
-                   donate_argnames=("cache",))
-def _decode(graphdef, params, cache, token, position, count, done, table, rows: smp.RowParams,
-            limits: smp.Limits, pen=None, *, steps: int, mode: str, attn_impl: str, top_n: int = 0,
-            constrained: bool = False):
-    """Up to `steps` decode steps of every slot -> (pages, (tokens [slots, steps]; -1 once a slot is
-    done, their logprobs [slots, steps], top-N ids and logprobs [slots, steps, top_n]))."""
-    n = token.shape[0]
-    out = (jnp.full((n, steps), smp._NO_TOKEN, jnp.int32), jnp.zeros((n, steps)),
-           jnp.zeros((n, steps, top_n), jnp.int32), jnp.zeros((n, steps, top_n)))
-    last = jnp.zeros(token.shape, jnp.int32)
-
-    def cond(carry):
-        i, _, _, _, _, done, _, _ = carry
-        return (i < steps) & ~jnp.all(done)
-
-    def body(carry):
-        i, cache, token, position, count, done, out, pen = carry
-        model = nnx.merge(graphdef, params)
-        logits, cache = paged.forward(model, token[:, None], position[:, None], ~done[:, None], table, cache, last,
-                                      attn_impl=attn_impl)
-        nxt, *lps = _sample(logits, rows, count, limits, mode, top_n, constrained, pen)
-        nxt = jnp.where(done, smp._NO_TOKEN, nxt)
-        new = (nxt, *lps)
-        out = tuple(jax.lax.dynamic_update_slice_in_dim(o, x[:, None], i, axis=1) for o, x in zip(out, new))
-        live = (~done).astype(jnp.int32)
-        pen = None if pen is None else penalties.record(pen, nxt, ~done)
-        count = count + live
-        new_done = done | smp._finished(nxt, count, rows)
-        return i + 1, cache, jnp.where(done, token, nxt), position + live, count, new_done, out, pen
-
-    carry = (jnp.int32(0), cache, token, position, count, done, out, pen)
-    _, cache, _, _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
-    return cache, out
-
-
-def abstract_calls(model_config, config: EngineConfig, graphdef, params, array) -> dict[str, tuple]:
-    """The engine's largest device calls as (jitted function, abstract args, static kwargs), for
-    ahead-of-time compiles (`lt-jax compile --sampler`): a full prefill chunk and a decode chunk over
-    every slot at the full page-table width, in the costliest sampling mode. `array(shape, dtype)`
-    makes an abstract argument. The shapes come from the same config the engine resolves."""
-    cfg = config.resolve(model_config)
-    width = paged.pages_for(cfg.max_len, cfg.page_size)
-    dtype = _dtype(cfg.cache_dtype)
-    cache = jax.eval_shape(lambda: paged.init_pages(model_config, cfg.num_pages, cfg.page_size, dtype))
-    cache = jax.tree.map(lambda a: array(a.shape, a.dtype), cache)
-    c, n = cfg.prefill_chunk, cfg.num_slots
-    i32 = jnp.int32
-    prefill_args = (graphdef, params, cache, array((1, c), i32), array((1, c), i32), array((1, c), jnp.bool_),
-                    array((1, width), i32), array((1,), i32))
-    specs = [smp.RowSpec(0, temperature=0.6, top_p=0.95)] * n
-    rows = jax.tree.map(lambda a: array(a.shape, a.dtype), _slot_params(specs, n))
-    limits = jax.tree.map(lambda a: array(a.shape, a.dtype), smp.row_limits(specs, n))
-    decode_args = (graphdef, params, cache, array((n,), i32), array((n,), i32), array((n,), i32),
-                   array((n,), jnp.bool_), array((n, width), i32), rows, limits)
-    return {
-        "prefill": (_prefill, prefill_args, dict(attn_impl=cfg.attn_impl)),
-        "decode": (_decode, decode_args, dict(steps=cfg.decode_steps, mode=smp.sampling_mode(specs),
-                                              attn_impl=cfg.attn_impl)),
-    }

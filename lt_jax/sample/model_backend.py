@@ -79,7 +79,8 @@ class ModelBackend:
     def open(self, prepared: Prepared) -> int:
         """Queues a prepared request in the engine (engine thread); returns its id."""
         rid = self.engine.submit(prepared.ids, prepared.specs, track_text=True)
-        self._open[rid] = (len(prepared.ids), [""] * len(prepared.specs), [len(prepared.specs)])
+        k = len(prepared.specs)
+        self._open[rid] = (len(prepared.ids), [""] * k, [k], [0] * k)  # + logprob entries sent per choice
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -97,32 +98,35 @@ class ModelBackend:
         """One engine step -> (engine request id, text delta event) pairs; `event.request` is 0."""
         out = []
         for u in self.engine.step():
-            prompt_tokens, sent, left = self._open[u.request]
+            prompt_tokens, sent, left, lp_sent = self._open[u.request]
             res = self.engine.results(u.request)[u.index]
+            entries = self._logprob_entries(res, lp_sent[u.index], len(u.tokens))  # this update's tokens
+            lp_sent[u.index] += len(entries or ())
             if u.finish_reason is None:
                 delta = res.stream.delta()
-                if delta:
+                if delta or entries:
                     sent[u.index] += delta
-                    out.append((u.request, StreamEvent(0, u.index, delta)))
+                    out.append((u.request, StreamEvent(0, u.index, delta, logprobs=entries)))
                 continue
             text = to_sample(self._decode, res).text
             # The full decode is the truth; the streamed prefix normally matches it exactly.
             rest = text[len(sent[u.index]):] if text.startswith(sent[u.index]) else ""
             out.append((u.request, StreamEvent(0, u.index, rest, u.finish_reason, len(res.tokens), prompt_tokens,
-                                               self._logprob_entries(res))))
+                                               entries)))
             left[0] -= 1
             if not left[0]:
                 self.engine.pop(u.request)
                 del self._open[u.request]
         return out
 
-    def _logprob_entries(self, res) -> Optional[tuple]:
-        """(token text, logprob, ((text, logprob), ...)) per generated token, when asked."""
+    def _logprob_entries(self, res, start: int, count: int) -> Optional[tuple]:
+        """(token text, logprob, ((text, logprob), ...)) of generated tokens start..start+count, when asked."""
         if res.logprobs is None:
             return None
         text = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        end = start + count
         return tuple((text(t), lp, tuple((text(a), alp) for a, alp in top))
-                     for t, (lp, top) in zip(res.tokens, res.logprobs))
+                     for t, (lp, top) in zip(res.tokens[start:end], res.logprobs[start:end]))
 
     # -- a whole batch at once ------------------------------------------------------------------
 

@@ -199,9 +199,6 @@ def _logprobs(body: dict, chat: bool, stream: bool) -> int | None:
         count = (top or 0) if wanted else None
     else:
         count = _integer(body, "logprobs", 0, MAX_LOGPROBS)
-    if count is not None and stream:
-        raise APIError("logprobs are not supported with stream=true yet", param="logprobs",
-                       code="unsupported_parameter")
     return count
 
 
@@ -369,11 +366,12 @@ def chat_logprobs(entries: list | None) -> dict[str, Any] | None:
                         for t, lp, top in entries]}
 
 
-def completion_logprobs(entries: list | None) -> dict[str, Any] | None:
-    """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+def completion_logprobs(entries: list | None, start: int = 0) -> dict[str, Any] | None:
+    """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset);
+    `start`: the text offset of the first entry (a streamed chunk's, in the choice's text)."""
     if entries is None:
         return None
-    offsets, at = [], 0
+    offsets, at = [], start
     for t, _, _ in entries:
         offsets.append(at)
         at += len(t)
@@ -382,15 +380,20 @@ def completion_logprobs(entries: list | None) -> dict[str, Any] | None:
 
 
 def chat_chunk(call_id: str, model: str, index: int, delta: dict[str, Any],
-               finish_reason: str | None = None) -> dict[str, Any]:
+               finish_reason: str | None = None, logprobs: list | None = None) -> dict[str, Any]:
+    """A chat.completion.chunk; `logprobs`: the entries of the tokens this chunk adds (as in
+    `chat_response`), when asked."""
     return {"id": call_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                         "logprobs": chat_logprobs(logprobs)}]}
 
 
-def completion_chunk(call_id: str, model: str, index: int, text: str,
-                     finish_reason: str | None = None) -> dict[str, Any]:
+def completion_chunk(call_id: str, model: str, index: int, text: str, finish_reason: str | None = None,
+                     logprobs: list | None = None, offset: int = 0) -> dict[str, Any]:
+    """A streamed text_completion; `logprobs` of the tokens it adds, the first at text `offset`."""
     return {"id": call_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
+                         "logprobs": completion_logprobs(logprobs, offset)}]}
 
 
 def usage_chunk(call_id: str, model: str, obj: str, use: dict[str, int]) -> dict[str, Any]:

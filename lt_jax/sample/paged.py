@@ -119,19 +119,19 @@ def paged_attention(q, k_pages, v_pages, page_table, positions, *, impl: str = "
     [Nkv, N, P, D]); keys at positions above a query's are masked. -> [B, S, Nq, D].
 
     impl: "xla" gathers the row's pages and runs the reference attention (any platform); "pallas"
-    runs JAX's paged-attention kernel for single-token decode (TPU or GPU); "auto" picks pallas
-    for decode on a single TPU/GPU device and xla otherwise.
+    runs JAX's paged-attention kernel for single-token decode (TPU or GPU; on a multi-device mesh
+    per device through `pallas_decode_on_mesh`); "auto" picks pallas for decode on TPU/GPU and xla
+    otherwise.
     """
     s = q.shape[1]
     if impl == "auto":
-        # The Mosaic/Triton kernels cannot be partitioned automatically: on a multi-device mesh
-        # the gather reference runs until a shard_map wrapper lands.
-        mesh = shd.active_mesh()
-        one_device = mesh is None or mesh.size == 1
-        impl = "pallas" if s == 1 and one_device and jax.default_backend() in ("tpu", "gpu") else "xla"
+        impl = "pallas" if s == 1 and jax.default_backend() in ("tpu", "gpu") else "xla"
     if impl == "pallas":
         if s != 1:
             raise ValueError("the Pallas paged-attention kernels decode one token per row")
+        mesh = shd.active_mesh()
+        if mesh is not None and mesh.size > 1:
+            return pallas_decode_on_mesh(q, k_pages, v_pages, page_table, positions[:, 0] + 1, mesh)[:, None]
         return pallas_decode(q, k_pages, v_pages, page_table, positions[:, 0] + 1)[:, None]
     if impl != "xla":
         raise ValueError(f"paged attention impl must be auto, xla or pallas, got {impl!r}")
@@ -159,6 +159,30 @@ def pallas_decode(q, k_pages, v_pages, page_table, lengths, *, interpret: bool =
     splits = max(s for s in (16, 8, 4, 2, 1) if (w // block) % s == 0)
     return gpu_kernel(q1, k_pages, v_pages, page_table, lengths, pages_per_compute_block=block, k_splits=splits,
                       interpret=interpret)
+
+
+def pallas_decode_on_mesh(q, k_pages, v_pages, page_table, lengths, mesh, **kernel) -> jax.Array:
+    """`pallas_decode` on a multi-device mesh. XLA cannot partition a Mosaic/Triton kernel, so each
+    device runs it (shard_map) on its share of the KV heads (the mesh axes `cache_kv_heads` maps to,
+    `tensor`) and of the rows (those of `cache_batch`, data/fsdp), each axis only where it divides
+    the count (else replicated). Every device keeps the whole page pool of its heads: any row may
+    hold any page. The query heads of a KV head stay on its device (contiguous head groups)."""
+    heads = _dividing(mesh, shd.mesh_spec(("cache_kv_heads",), mesh)[0], k_pages.shape[0])
+    rows = _dividing(mesh, shd.mesh_spec(("cache_batch",), mesh)[0], q.shape[0])
+    P = jax.sharding.PartitionSpec
+    pages = P(heads, None, None, None)
+    run = jax.shard_map(functools.partial(pallas_decode, **kernel), mesh=mesh,
+                        in_specs=(P(rows, None, heads, None), pages, pages, P(rows, None), P(rows)),
+                        out_specs=P(rows, heads, None), check_vma=False)
+    return run(q, k_pages, v_pages, page_table, lengths)
+
+
+def _dividing(mesh, axes, n: int):
+    """`axes` (a PartitionSpec entry) when their total size divides n, else None (replicated)."""
+    if axes is None:
+        return None
+    size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    return axes if n % size == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------

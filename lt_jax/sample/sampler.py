@@ -39,17 +39,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from lt_jax.model import sharding as shd
 from lt_jax.model import transformer as tfm
 from lt_jax.sampling import derive_seed
+from lt_jax.sample.hosts import to_host
+from lt_jax.sample.rows import NO_TOKEN, RowParams, finished, row_params
 from lt_jax.sample.detokenize import Decode, TextStream
 
 log = logging.getLogger(__name__)
 
 _CACHE_AXES = ("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
-_NO_TOKEN = -1  # chunk output of rows that were already done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,33 +227,6 @@ def step_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
 # Device functions
 
 
-class RowParams(NamedTuple):
-    """Per-row sampling parameters as device arrays (fixed for a whole generation)."""
-
-    seed: jax.Array  # [R] uint32
-    temperature: jax.Array  # [R] f32
-    top_p: jax.Array  # [R] f32
-    top_k: jax.Array  # [R] i32
-    budget: jax.Array  # [R] i32: max new tokens
-    stop_ids: jax.Array  # [R, S] i32, -1 padded
-
-
-class Limits(NamedTuple):
-    """Per-row constraints on the draw: min_tokens [R] i32, min_p [R] f32."""
-
-    min_tokens: jax.Array
-    min_p: jax.Array
-
-
-def row_limits(specs: Sequence[Optional["RowSpec"]], n: int) -> Limits:
-    """Per-row min_tokens / min_p of `specs` (None: an empty row) as arrays of n rows."""
-    min_tokens, min_p = np.zeros(n, np.int32), np.zeros(n, np.float32)
-    for i, s in enumerate(specs):
-        if s is not None:
-            min_tokens[i], min_p[i] = s.min_tokens, s.min_p
-    return Limits(min_tokens, min_p)
-
-
 class DecodeState(NamedTuple):
     cache: tfm.KVCache
     token: jax.Array  # [R] the last sampled token, fed at the next step
@@ -286,11 +259,6 @@ def _take_rows(cache: tfm.KVCache, rows: jax.Array) -> tfm.KVCache:
                        cache.index)
 
 
-def _finished(token, count, rows: RowParams):
-    hit = jnp.any(token[:, None] == rows.stop_ids, axis=-1)
-    return hit | (count >= rows.budget)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype", "mode"))
 def _prefill(graphdef, params, tokens, positions, segment_ids, row_src, rows: RowParams, *,
              cache_len: int, cache_dtype, mode: str):
@@ -309,7 +277,7 @@ def _prefill(graphdef, params, tokens, positions, segment_ids, row_src, rows: Ro
     first = sample_from_logits(logits, step_keys(rows.seed, count), rows.temperature, rows.top_p, rows.top_k,
                                mode=mode)
     count = count + 1
-    done = _finished(first, count, rows)
+    done = finished(first, count, rows)
     position = jnp.take(positions[:, p], row_src) + 1
     return _constrain_state(DecodeState(cache, first, position, count, done)), first
 
@@ -319,7 +287,7 @@ def _decode(graphdef, params, state: DecodeState, rows: RowParams, host_done, *,
     """Up to `chunk` decode steps -> (state, tokens [R, chunk]); -1 where a row was already done."""
     cache_len = state.cache.k.shape[2]
     state = _constrain_state(state._replace(done=state.done | host_done))
-    out = jnp.full((state.token.shape[0], chunk), _NO_TOKEN, jnp.int32)
+    out = jnp.full((state.token.shape[0], chunk), NO_TOKEN, jnp.int32)
 
     def cond(carry):
         i, st, _ = carry
@@ -333,10 +301,10 @@ def _decode(graphdef, params, state: DecodeState, rows: RowParams, host_done, *,
         logits, cache = model(fed, st.position[:, None], seg, cache=st.cache)
         nxt = sample_from_logits(logits[:, 0], step_keys(rows.seed, st.count), rows.temperature, rows.top_p,
                                  rows.top_k, mode=mode)
-        nxt = jnp.where(st.done, _NO_TOKEN, nxt)
+        nxt = jnp.where(st.done, NO_TOKEN, nxt)
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
         count = st.count + (~st.done).astype(jnp.int32)
-        done = st.done | _finished(nxt, count, rows)
+        done = st.done | finished(nxt, count, rows)
         st = DecodeState(cache, nxt, st.position + 1, count, done)
         return i + 1, _constrain_state(st), out
 
@@ -416,7 +384,7 @@ class Sampler:
                 self.stats["decode_calls"] += 1
                 nxt = _decode(self.graphdef, self.params, state, plan.rows, host_done.copy(),
                               chunk=self.config.chunk_size, mode=plan.mode)
-                updates = self._consume(_to_host(out), rows, results, host_done)
+                updates = self._consume(to_host(out), rows, results, host_done)
                 if updates:
                     yield updates
                 if all(r.finish_reason is not None for r in results):
@@ -460,7 +428,7 @@ class Sampler:
         n_rows = batch_bucket(len(rows), shards)
         row_src = np.zeros(n_rows, np.int32)
         row_src[: len(rows)] = [r.prompt for r in rows]
-        plan = Plan(_row_params(rows, n_rows), sampling_mode(rows))
+        plan = Plan(row_params(rows, n_rows), sampling_mode(rows))
         self.stats["prefill_calls"] += 1
         self.stats["prefill_rows"] += len(prompts)
         self.stats["rows"] += len(rows)
@@ -505,20 +473,12 @@ def advance_row(res: RowResult, spec: RowSpec, chunk_row) -> tuple[list[int], Op
     return new, reason
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The whole array on this host; on several hosts every process gathers every row (each runs
-    the same host loop, so all of them decide the same stops)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _row_tokens(chunk_row: np.ndarray, spec: RowSpec, have: int) -> list[int]:
     """The row's real tokens in a chunk: up to its first stop token id or its budget."""
     out = []
     for t in chunk_row:
         t = int(t)
-        if t == _NO_TOKEN:
+        if t == NO_TOKEN:
             break
         out.append(t)
         if t in spec.stop_token_ids or have + len(out) >= spec.max_new_tokens:
@@ -536,20 +496,6 @@ def _left_pad(prompts, length: int, n_rows: int, pad_id: int):
         positions[i, length - n :] = np.arange(n)
         segs[i, length - n :] = 1
     return tokens, positions, segs
-
-
-def _row_params(rows: Sequence[RowSpec], n_rows: int) -> RowParams:
-    n_stop = max([len(r.stop_token_ids) for r in rows] + [1])
-    n_stop = 1 << (n_stop - 1).bit_length()
-    stop_ids = np.full((n_rows, n_stop), _NO_TOKEN, np.int32)
-    budget = np.zeros(n_rows, np.int32)  # padding rows: done after the first token
-    seed = np.zeros(n_rows, np.uint32)
-    temperature, top_p, top_k = np.zeros(n_rows, np.float32), np.ones(n_rows, np.float32), np.zeros(n_rows, np.int32)
-    for i, r in enumerate(rows):
-        stop_ids[i, : len(r.stop_token_ids)] = r.stop_token_ids
-        budget[i], seed[i] = r.max_new_tokens, r.seed & 0xFFFFFFFF
-        temperature[i], top_p[i], top_k[i] = r.temperature, r.top_p, r.top_k
-    return RowParams(seed, temperature, top_p, top_k, budget, stop_ids)
 
 
 class mesh_context:

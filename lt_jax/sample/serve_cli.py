@@ -7,6 +7,7 @@ Backends: `--teacher synthetic` (the rule-based long-thought teacher of lt_jax.d
 model checkpoint (`--checkpoint PATH` / `--hf DIR`), served by `lt_jax.sample.model_backend` with
 the model flags of `lt-jax sample` (lt_jax.sample.cli).
 The actual address is printed as `serving MODEL at URL` once the socket is bound (useful with --port 0).
+On several hosts (the same command on each), process 0 serves and the others follow its engine.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lt_jax.sample.backends import SyntheticBackend
 from lt_jax.sample.cli import add_model_arguments, load_from_args
 from lt_jax.sample.model_backend import ModelBackend
 from lt_jax.sample.server import ServerConfig, bind, serve
+from lt_jax.train import distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -73,7 +75,14 @@ def run(args: argparse.Namespace) -> int:
             return 2
     cfg = ServerConfig(host=args.host, port=args.port, api_key=api_key, reasoning_format=args.reasoning_format,
                        max_batch_sequences=args.max_batch_sequences, batch_window_ms=args.batch_window_ms)
+    # Several hosts (a pod slice, Slurm, JAX_COORDINATOR_ADDRESS): every host runs this command; the
+    # model spans them, process 0 serves and the others follow its engine steps.
+    distributed.initialize()
     backend = build_backend(args)
+    engine = getattr(backend, "engine", None)
+    if engine is not None and engine.lockstep and not distributed.is_primary():
+        engine.follow()
+        return 0
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     print(f"serving {backend.name} at http://{host}:{port}/v1", flush=True)

@@ -204,10 +204,13 @@ class EngineRunner:
         self._loop.call_soon_threadsafe(call.out.put_nowait, item)
 
     def _main(self) -> None:
+        # Several hosts: the other processes wait in `Engine.follow` for each step, so an idle engine
+        # still steps (every 0.1 s: new requests reach them), and stopping the server releases them.
+        lockstep = self.backend.engine.lockstep
         while not self._stop.is_set():
             try:
                 self._take_messages(block=not self.backend.busy)
-                if self.backend.busy:
+                if self.backend.busy or lockstep:
                     self._step()
             except Exception as e:  # a backend failure fails the requests in flight, not the server
                 log.exception("engine step failed")
@@ -216,6 +219,7 @@ class EngineRunner:
                                                   code="backend_error"))
                     self.backend.cancel(rid)
                 self._calls.clear()
+        self.backend.engine.close()
 
     def _take_messages(self, block: bool) -> None:
         try:
@@ -259,6 +263,8 @@ class EngineRunner:
 
     def close(self) -> None:
         self._stop.set()
+        if self.backend.engine.lockstep and self._thread.is_alive():
+            self._thread.join(timeout=60)  # its last act releases the other hosts (Engine.close)
 
 
 async def _events(out: asyncio.Queue, expected: int, watch: web.Request | None = None
@@ -372,7 +378,8 @@ class _Handlers:
                 finish[index] = ev.finish_reason
                 prompt_tokens[tag] = ev.prompt_tokens
                 completion_tokens += ev.completion_tokens
-                logprobs[index] = getattr(ev, "logprobs", None)
+            if ev.logprobs is not None:  # each event carries its tokens' entries
+                logprobs[index] = (logprobs[index] or ()) + tuple(ev.logprobs)
         choices = [("".join(t), f) for t, f in zip(texts, finish)]
         use = api.usage(sum(prompt_tokens), completion_tokens)
         body = (api.chat_response(call_id, call.model, choices, call.reasoning_format, use, logprobs) if chat
@@ -393,11 +400,13 @@ class _Handlers:
             for i in range(expected):
                 await send(api.chat_chunk(call_id, call.model, i, {"role": "assistant", "content": ""}))
         prompt_tokens, completion_tokens = [0] * len(call.requests), 0
+        offsets = [0] * expected  # completions: text offset of each choice's next logprob entry
         try:
             async for tag, ev in _chain(first, events):
                 index = tag * n + ev.choice
-                for body in self._chunks(call_id, call.model, index, ev, splitters[index], chat):
+                for body in self._chunks(call_id, call.model, index, ev, splitters[index], chat, offsets[index]):
                     await send(body)
+                offsets[index] += sum(len(t) for t, _, _ in ev.logprobs or ())
                 if ev.finish_reason is not None:
                     prompt_tokens[tag] = ev.prompt_tokens
                     completion_tokens += ev.completion_tokens
@@ -418,9 +427,10 @@ class _Handlers:
         return response
 
     @staticmethod
-    def _chunks(call_id, model, index, ev: StreamEvent, splitter, chat) -> list[dict]:
+    def _chunks(call_id, model, index, ev: StreamEvent, splitter, chat, offset: int = 0) -> list[dict]:
+        """The SSE bodies of one event; its tokens' logprobs ride on its first chunk."""
         if not chat:
-            return [api.completion_chunk(call_id, model, index, ev.text, ev.finish_reason)]
+            return [api.completion_chunk(call_id, model, index, ev.text, ev.finish_reason, ev.logprobs, offset)]
         if splitter is None:
             deltas = [{"content": ev.text}] if ev.text else []
         else:
@@ -430,7 +440,10 @@ class _Handlers:
                 reasoning, content = reasoning + r2, content + c2
             deltas = ([{"reasoning_content": reasoning}] if reasoning else []) + (
                 [{"content": content}] if content else [])
-        chunks = [api.chat_chunk(call_id, model, index, d) for d in deltas]
+        if ev.logprobs and not deltas:  # tokens whose text is held back (a partial character)
+            deltas = [{"content": ""}]
+        chunks = [api.chat_chunk(call_id, model, index, d, logprobs=ev.logprobs if k == 0 else None)
+                  for k, d in enumerate(deltas)]
         if ev.finish_reason is not None:
             chunks.append(api.chat_chunk(call_id, model, index, {}, ev.finish_reason))
         return chunks

@@ -180,8 +180,25 @@ def test_logprobs_equal_the_engines(served):
     assert c.logprobs.token_logprobs == pytest.approx([lp for lp, _ in want.samples[0].logprobs], abs=1e-5)
     assert "".join(c.logprobs.tokens) == tok.decode(list(want.samples[0].token_ids))
     assert len(c.logprobs.top_logprobs) == 8
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        client.chat.completions.create(model="tiny", messages=CHAT, logprobs=True, stream=True)
+    # Streamed: each chunk carries the logprobs of the tokens it adds; in order they are the above.
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, temperature=0.7, seed=5, max_tokens=8,
+                                                 logprobs=True, top_logprobs=3, stream=True,
+                                                 extra_body=dict(ignore_eos=True)))
+    parts = [ch.choices[0].logprobs.content for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert len(parts) > 1  # spread over the engine steps, not all at the end
+    streamed = [x for part in parts for x in part]
+    assert [x.token for x in streamed] == [x.token for x in got]
+    assert [x.logprob for x in streamed] == pytest.approx([x.logprob for x in got], abs=1e-5)
+    assert [[a.token for a in x.top_logprobs] for x in streamed] == [[a.token for a in x.top_logprobs] for x in got]
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, temperature=0.7, seed=5, max_tokens=8,
+                                            logprobs=3, stream=True, extra_body=dict(ignore_eos=True)))
+    parts = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert len(parts) > 1
+    assert [t for p in parts for t in p.tokens] == c.logprobs.tokens
+    assert [t for p in parts for t in p.text_offset] == c.logprobs.text_offset
+    assert [t for p in parts for t in p.token_logprobs] == pytest.approx(c.logprobs.token_logprobs, abs=1e-5)
+    assert [sorted(t) for p in parts for t in p.top_logprobs] == [sorted(t) for t in c.logprobs.top_logprobs]
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
 
 
 def test_penalties_through_the_openai_client_equal_generate(served):

@@ -69,6 +69,57 @@ def test_apply_matches_the_numpy_definitions():
     assert not np.allclose(got, logits)  # the test data exercises every penalty
 
 
+def test_slot_counts_kept_on_device_equal_a_fresh_host_build():
+    """Random admissions, preemptions (a sample leaves and comes back with a new token), finishes
+    and decode calls over 3 slots: the device rows each call gets equal the counts built from
+    scratch on the host, while only the rows whose sample changed are uploaded."""
+    import types
+
+    import jax.numpy as jnp
+
+    from lt_jax.sample import sampler as smp
+
+    rng = np.random.RandomState(0)
+    vocab, rows = 48, 3
+
+    def sample(penalised):
+        spec = smp.RowSpec(0, frequency_penalty=0.5 if penalised else 0.0)
+        tokens = list(rng.randint(0, vocab, rng.randint(1, 4)))
+        return types.SimpleNamespace(spec=spec, prompt=list(rng.randint(0, vocab, 5)),
+                                     result=types.SimpleNamespace(tokens=tokens))
+
+    slots, parked, state, calls = [None] * rows, [], penalties.SlotCounts(rows, vocab), 0
+    for _ in range(60):
+        op, i = rng.randint(4), rng.randint(rows)
+        if op == 0 and slots[i] is None:  # admission: a new sample, or a preempted one with its next token
+            slots[i] = parked.pop() if parked and rng.rand() < 0.5 else sample(rng.rand() < 0.8)
+            slots[i].result.tokens.append(int(rng.randint(vocab)))  # the first token drawn at admission
+        elif op == 1 and slots[i] is not None:  # preempted (or finished / cancelled)
+            if rng.rand() < 0.5:
+                parked.append(slots[i])
+            slots[i] = None
+        else:  # a decode call of 2 steps
+            pen = state.for_call(slots)
+            if pen is None:
+                continue
+            want = penalties.build(slots, rows, vocab)
+            for r, s in enumerate(slots):
+                if s is not None and penalties.penalized(s.spec):
+                    np.testing.assert_array_equal(np.asarray(pen.counts)[r], want.counts[r])
+                    np.testing.assert_array_equal(np.asarray(pen.seen)[r], want.seen[r])
+            live = np.asarray([s is not None for s in slots])
+            pen = penalties.Penalties(*map(jnp.asarray, pen))  # the call's inputs, as the jitted call sees them
+            for _ in range(2):
+                drawn = rng.randint(0, vocab, rows)
+                pen = penalties.record(pen, jnp.asarray(drawn), jnp.asarray(live))
+                for r, s in enumerate(slots):
+                    if s is not None:
+                        s.result.tokens.append(int(drawn[r]))
+            state.after_call(pen, slots)
+            calls += 1
+    assert calls > 10 and state.uploaded_rows < calls * rows  # rows stayed on device between calls
+
+
 def test_engine_greedy_with_penalties_equals_the_reference(setup):
     """Per-row penalties in one batch, more requests than slots (refills), several device steps per
     call (counts updated on device) and calls rebuilt from the host."""
