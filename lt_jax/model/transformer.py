@@ -36,7 +36,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 _INIT = nnx.initializers.normal(0.02)  # HF's initializer_range for Qwen and Llama
 
 
-def _dtype(name: str):
+def dtype_of(name: str):
+    """The jnp dtype of a config dtype name ("float32", "bfloat16", "float16")."""
     return _DTYPES[name]
 
 
@@ -123,7 +124,7 @@ def _shard_tokens(x: jax.Array, features: str) -> jax.Array:
 
 def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes: tuple, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
-        n_in, n_out, use_bias=bias, dtype=_dtype(cfg.compute_dtype), param_dtype=_dtype(cfg.param_dtype),
+        n_in, n_out, use_bias=bias, dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype),
         kernel_init=_INIT, rngs=rngs,
         kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]},
     )
@@ -151,7 +152,7 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg, h, cfg.num_kv_heads * d, ("embed", "kv_heads"), bias=cfg.attention_bias, rngs=rngs)
         self.o_proj = _linear(cfg, cfg.num_heads * d, h, ("q_heads", "embed"), bias=False, rngs=rngs)
         if cfg.qk_norm:
-            pd, cd = _dtype(cfg.param_dtype), _dtype(cfg.compute_dtype)
+            pd, cd = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, pd, cd)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pd, cd)
         else:
@@ -216,7 +217,7 @@ class Experts(nnx.Module):
     """E SwiGLU experts' weights, stacked on a leading expert axis: gate/up [E, H, I], down [E, I, H]."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        e, h, i, pd = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, _dtype(cfg.param_dtype)
+        e, h, i, pd = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype_of(cfg.param_dtype)
         self.gate_proj = nnx.Param(_INIT(rngs.params(), (e, h, i), pd), logical_axes=("experts", "embed", "moe_mlp"))
         self.up_proj = nnx.Param(_INIT(rngs.params(), (e, h, i), pd), logical_axes=("experts", "embed", "moe_mlp"))
         self.down_proj = nnx.Param(_INIT(rngs.params(), (e, i, h), pd), logical_axes=("experts", "moe_mlp", "embed"))
@@ -235,7 +236,7 @@ class MoEBlock(nnx.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.capacity_factor, self.compute_dtype = cfg.capacity_factor, _dtype(cfg.compute_dtype)
+        self.capacity_factor, self.compute_dtype = cfg.capacity_factor, dtype_of(cfg.compute_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, S, H] -> [B, S, H] (every token counted as real)."""
@@ -267,7 +268,7 @@ class Block(nnx.Module):
     """Pre-norm decoder layer; its MLP is the dense `MLP` or, in a sparse layer, a `MoEBlock`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sparse: bool = False):
-        pd, cd = _dtype(cfg.param_dtype), _dtype(cfg.compute_dtype)
+        pd, cd = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cd)
         self.attn = Attention(cfg, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cd)
@@ -341,7 +342,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        pd, cd = _dtype(config.param_dtype), _dtype(config.compute_dtype)
+        pd, cd = dtype_of(config.param_dtype), dtype_of(config.compute_dtype)
         self.embed = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=cd, param_dtype=pd, embedding_init=_INIT,
             rngs=rngs, embedding_metadata={"logical_axes": ("vocab", "embed")},
@@ -409,8 +410,8 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, s), jnp.int32)
         positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
-        x = shd.shard_activation(self._embed(input_ids), ("act_batch", "act_seq", "act_embed"))
-        cos, sin = rope_tables(positions, rope_inv_freq(self.config), _dtype(self.config.compute_dtype))
+        x = shd.shard_activation(self.embed_tokens(input_ids), ("act_batch", "act_seq", "act_embed"))
+        cos, sin = rope_tables(positions, rope_inv_freq(self.config), dtype_of(self.config.compute_dtype))
         if cache is not None:
             x, cache = self._run_cached_layers(x, cos, sin, segment_ids, positions, cache)
             return self.final_norm(x), cache, None
@@ -419,10 +420,11 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits [B, S, V] (sharded on the vocab axis) from `hidden_states` [B, S, H]."""
-        return shd.shard_activation(self._logits(hidden), ("act_batch", "act_seq", "act_vocab"))
+        return shd.shard_activation(self.head_logits(hidden), ("act_batch", "act_seq", "act_vocab"))
 
-    def _logits(self, x):
-        """fp32 logits [B, S, V] from the final hidden states [B, S, H].
+    def head_logits(self, x):
+        """fp32 logits [B, S, V] from the final hidden states [B, S, H], without `logits`' vocab-axis
+        sharding constraint (the generation engine runs it on one token per row).
 
         Tokens are flattened to one [B*S, H] matrix first: with two contracted dims (batch, seq) in
         the backward, XLA:CPU writes the [B, S, V] logits gradient transposed (and recomputes the
@@ -437,12 +439,13 @@ class Transformer(nnx.Module):
             logits = self.lm_head(x)
         return logits.astype(jnp.float32).reshape(b, s, -1)
 
-    def _embed(self, input_ids):
+    def embed_tokens(self, input_ids):
+        """Token embeddings [B, S, H] in the compute dtype (ids past the table are clipped)."""
         # Gather the table's fsdp shards first (as FSDP does for every weight): a lookup into a
         # table sharded on its embed axis makes the partitioner replicate the whole gather.
         table = shd.shard_activation(self.embed.embedding.get_value(), ("vocab", None))
         # clip, not fill: an out-of-range pad id would otherwise give NaN rows that leak through 0*NaN.
-        return jnp.take(table, input_ids, axis=0, mode="clip").astype(_dtype(self.config.compute_dtype))
+        return jnp.take(table, input_ids, axis=0, mode="clip").astype(dtype_of(self.config.compute_dtype))
 
     def layer_runs(self) -> list[tuple[nnx.GraphDef, nnx.State]]:
         """(graphdef, stacked state) of each run of layers, in layer order (`layer_runs`): scan a
@@ -514,7 +517,7 @@ class Transformer(nnx.Module):
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, mesh=None) -> KVCache:
     """An empty cache (all slots segment 0), sharded by the cache_* rules when `mesh` is given."""
-    dtype = _dtype(config.compute_dtype) if dtype is None else dtype
+    dtype = dtype_of(config.compute_dtype) if dtype is None else dtype
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
 
     def make():

@@ -41,14 +41,14 @@ class PagedKV(NamedTuple):
 
 def init_pages(config, num_pages: int, page_size: int, dtype=None) -> PagedKV:
     """Zeroed pages for every layer (page 0 included, the null page)."""
-    dtype = tfm._dtype(config.compute_dtype) if dtype is None else dtype
+    dtype = tfm.dtype_of(config.compute_dtype) if dtype is None else dtype
     shape = (config.num_layers, config.num_kv_heads, num_pages, page_size, config.resolved_head_dim)
     return PagedKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def page_bytes(config, page_size: int, dtype=None) -> int:
     """Bytes one page holds across all layers, keys and values."""
-    dtype = tfm._dtype(config.compute_dtype) if dtype is None else dtype
+    dtype = tfm.dtype_of(config.compute_dtype) if dtype is None else dtype
     per_token = config.num_kv_heads * config.resolved_head_dim * jnp.dtype(dtype).itemsize
     return 2 * config.num_layers * page_size * per_token
 
@@ -205,8 +205,8 @@ def forward(model, tokens, positions, valid, page_table, cache: PagedKV, last: j
     slot = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
     slot_page = jnp.where(valid, jnp.take_along_axis(page_table, slot, axis=1), NULL_PAGE)
     slot_off = positions % page_size
-    x = model._embed(tokens)
-    cos, sin = tfm.rope_tables(positions, tfm.rope_inv_freq(cfg), tfm._dtype(cfg.compute_dtype))
+    x = model.embed_tokens(tokens)
+    cos, sin = tfm.rope_tables(positions, tfm.rope_inv_freq(cfg), tfm.dtype_of(cfg.compute_dtype))
 
     def body(carry, state, graphdef):
         h, k_all, v_all, i = carry
@@ -226,7 +226,7 @@ def forward(model, tokens, positions, valid, page_table, cache: PagedKV, last: j
         carry, _ = jax.lax.scan(functools.partial(body, graphdef=graphdef), carry, layer_state)
     h, k, v, _ = carry
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)  # the LM head runs on one token per row
-    logits = model._logits(model.final_norm(h_last))[:, 0]
+    logits = model.head_logits(model.final_norm(h_last))[:, 0]
     return logits, PagedKV(k, v)
 
 
