@@ -48,12 +48,7 @@ CPU_TILE = 64  # rows per tile of the `tiles` implementation
 _DEFAULT = {"tpu": "megablox", "cpu": "tiles"}
 
 
-def target_platform() -> str:
-    """"tpu", "gpu" or "cpu": the active mesh's devices when a mesh is set, else the default backend."""
-    mesh = shd.active_mesh()
-    device = getattr(mesh, "abstract_device", None) if mesh is not None else None
-    platform = getattr(device, "platform", None)
-    return platform or jax.default_backend()
+target_platform = shd.target_platform
 
 
 def resolve_impl(impl: Impl = "auto", platform: str | None = None) -> str:

@@ -288,6 +288,15 @@ def active_mesh():
     return mesh
 
 
+def target_platform() -> str:
+    """"tpu", "gpu" or "cpu": the active mesh's devices when a mesh is set (so `lt-jax compile
+    --topology v5p:...` on a CPU host picks the TPU kernels), else the default backend."""
+    mesh = active_mesh()
+    device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+    platform = getattr(device, "platform", None)
+    return platform or jax.default_backend()
+
+
 def shard_activation(x: jax.Array, logical_axes: Sequence[Optional[str]], rules=None) -> jax.Array:
     """Constrain an activation's sharding by logical names when a mesh is active; no-op otherwise."""
     mesh = active_mesh()

@@ -120,12 +120,13 @@ def paged_attention(q, k_pages, v_pages, page_table, positions, *, impl: str = "
 
     impl: "xla" gathers the row's pages and runs the reference attention (any platform); "pallas"
     runs JAX's paged-attention kernel for single-token decode (TPU or GPU; on a multi-device mesh
-    per device through `pallas_decode_on_mesh`); "auto" picks pallas for decode on TPU/GPU and xla
-    otherwise.
+    per device through `pallas_decode_on_mesh`); "auto" picks pallas for decode where
+    `pallas_decode_fits`, xla otherwise; the platform is the active mesh's (a TPU topology
+    under `lt-jax compile`).
     """
     s = q.shape[1]
     if impl == "auto":
-        impl = "pallas" if s == 1 and jax.default_backend() in ("tpu", "gpu") else "xla"
+        impl = "pallas" if s == 1 and pallas_decode_fits(shd.target_platform(), q.shape[-1]) else "xla"
     if impl == "pallas":
         if s != 1:
             raise ValueError("the Pallas paged-attention kernels decode one token per row")
@@ -144,12 +145,19 @@ def paged_attention(q, k_pages, v_pages, page_table, positions, *, impl: str = "
                          q.shape[-1] ** -0.5)
 
 
+def pallas_decode_fits(platform: str, head_dim: int) -> bool:
+    """Whether `auto` may run the Pallas decode kernel: on GPU, and on TPU when head_dim is a
+    multiple of 128 (the TPU kernel's blocks take whole 128-lane tiles; at 64, Qwen2.5-0.5B's,
+    its lowering fails)."""
+    return platform == "gpu" or (platform == "tpu" and head_dim % 128 == 0)
+
+
 def pallas_decode(q, k_pages, v_pages, page_table, lengths, *, interpret: bool = False,
                   backend: Optional[str] = None) -> jax.Array:
     """One decode token per row through JAX's Pallas paged-attention kernel: q [B, 1, Nq, D] ->
     [B, Nq, D]. The TPU kernel on TPU; the GPU (Triton) kernel elsewhere (on CPU only in interpret
     mode, for tests)."""
-    backend = backend or jax.default_backend()
+    backend = backend or shd.target_platform()
     q1 = q[:, 0] * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernels do not scale q
     w = page_table.shape[1]
     if backend == "tpu":

@@ -142,6 +142,28 @@ def test_multislice_mesh_keeps_dcn_data_across_slices():
     assert lines[1:] == ["0 [0]", "1 [1]"]
 
 
+@needs_libtpu
+def test_sampler_compile_for_tpu_decodes_with_the_pallas_kernel_where_it_fits():
+    """`compile --sampler` for a TPU slice compiles the decode the engine runs there: the TPU
+    paged-attention kernel, per device on a 2x2 mesh, when head_dim is a multiple of 128; the XLA
+    gather at head_dim 64, whose blocks the kernel cannot lower."""
+    script = (
+        "import sys\n"
+        "from lt_jax.scale import topology, compile as aot\n"
+        "from lt_jax.model import sharding as shd\n"
+        "from lt_jax.model.config import ModelConfig\n"
+        "mesh = shd.make_mesh(shd.MeshConfig(fsdp=2, tensor=2), topology.target_devices(topology.parse_tpu('v5p:2x2x1')))\n"
+        "for head_dim in (128, 64):\n"
+        "    cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=2,\n"
+        "                      num_kv_heads=2, head_dim=head_dim, compute_dtype='bfloat16')\n"
+        "    out = aot.compile_sampler(cfg, mesh, aot.SampleShape(batch=8, prompt_len=64, max_new_tokens=64))\n"
+        "    print(head_dim, *(out[k][0].as_text().count('tpu_custom_call') > 0 for k in ('prefill', 'decode')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == ["128 False True", "64 False False"], proc.stdout
+
+
 def test_gpu_target_without_a_gpu_says_why():
     target = topology.parse_gpu("h100x8")
     assert target.num_chips == 8 and target.mem_fraction == 0.9
