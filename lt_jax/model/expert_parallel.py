@@ -57,17 +57,10 @@ def needed(mesh) -> bool:
     active AbstractMesh; None: no mesh)."""
     if mesh is None or mesh.size == 1:
         return False
-    abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
-    device = abstract.abstract_device
-    return shd.axis_size(mesh, AXIS) > 1 or gm.resolve_impl("auto", getattr(device, "platform", None)) == "megablox"
+    return shd.axis_size(mesh, AXIS) > 1 or gm.resolve_impl("auto", shd.target_platform(mesh)) == "megablox"
 
 
-def token_spec(mesh) -> PartitionSpec:
-    """[tokens, features] split like flattened [batch, seq, features] activations (see `_shard_tokens`
-    in lt_jax/model/transformer.py): tokens over the batch and sequence axes together."""
-    batch, seq = shd.mesh_spec(("act_batch", "act_seq"), mesh)
-    axes = tuple(a for entry in (batch, seq) if entry for a in ((entry,) if isinstance(entry, str) else entry))
-    return PartitionSpec(axes or None, None)
+token_spec = shd.token_spec  # [tokens, features]: split like the flattened activations
 
 
 def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, capacity_factor: Optional[float] = None,
@@ -90,14 +83,10 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, capacity_fact
     up_spec = shd.mesh_spec(("experts", None, "moe_mlp"), mesh)
     down_spec = shd.mesh_spec(("experts", "moe_mlp", None), mesh)
     valid = jnp.ones(x.shape[:1], bool) if valid is None else valid.astype(bool)
-    local = functools.partial(_local, e=e, sum_axes=_axes(up_spec[2]), capacity_factor=capacity_factor)
+    local = functools.partial(_local, e=e, sum_axes=shd.spec_axes(up_spec[2]), capacity_factor=capacity_factor)
     specs = (tokens, tokens, tokens, PartitionSpec(tokens[0]), up_spec, up_spec, down_spec)
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=tokens, check_vma=False)(
         x, weights, experts, valid, w_gate, w_up, w_down)
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _local(x, weights, experts, valid, w_gate, w_up, w_down, *, e, sum_axes, capacity_factor):

@@ -93,13 +93,14 @@ def rules_for(axis_names: Sequence[str], rules=LOGICAL_RULES) -> tuple[tuple[str
              for name, where in AXIS_EXTENSIONS[axis]]
     if not extra:
         return tuple(rules)
-    table = {name: _as_tuple(target) for name, target in rules}
+    table = {name: spec_axes(target) for name, target in rules}
     for axis, name, where in extra:
         table[name] = (axis, *table[name]) if where == "first" else (*table[name], axis)
     return tuple((name, None if not t else t[0] if len(t) == 1 else t) for name, t in table.items())
 
 
-def _as_tuple(target: MeshAxes) -> tuple[str, ...]:
+def spec_axes(target: MeshAxes) -> tuple[str, ...]:
+    """The mesh axis names of one PartitionSpec entry or rule target (a name, names, or None)."""
     return (target,) if isinstance(target, str) else tuple(target or ())
 
 
@@ -216,8 +217,7 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], rules=LOGICAL_RULES) 
         if name not in table:
             raise KeyError(f"logical axis {name!r} has no rule in lt_jax.model.sharding.LOGICAL_RULES")
         target = table[name]
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(a for a in axes if a not in used)
+        axes = tuple(a for a in spec_axes(target) if a not in used)
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)
@@ -237,7 +237,7 @@ def restrict_spec(spec: PartitionSpec, axis_names: Sequence[str]) -> PartitionSp
     def keep(entry):
         if entry is None:
             return None
-        axes = tuple(a for a in _as_tuple(entry) if a in names)
+        axes = tuple(a for a in spec_axes(entry) if a in names)
         return None if not axes else axes[0] if len(axes) == 1 else axes
 
     return PartitionSpec(*(keep(e) for e in spec))
@@ -288,13 +288,23 @@ def active_mesh():
     return mesh
 
 
-def target_platform() -> str:
-    """"tpu", "gpu" or "cpu": the active mesh's devices when a mesh is set (so `lt-jax compile
-    --topology v5p:...` on a CPU host picks the TPU kernels), else the default backend."""
-    mesh = active_mesh()
+def target_platform(mesh=None) -> str:
+    """"tpu", "gpu" or "cpu": the devices of `mesh` (default: the active mesh) when there is one (so
+    `lt-jax compile --topology v5p:...` on a CPU host picks the TPU kernels), else the default backend."""
+    mesh = active_mesh() if mesh is None else mesh
+    if isinstance(mesh, Mesh):
+        mesh = mesh.abstract_mesh
     device = getattr(mesh, "abstract_device", None) if mesh is not None else None
     platform = getattr(device, "platform", None)
     return platform or jax.default_backend()
+
+
+def token_spec(mesh, features: Optional[str] = None) -> PartitionSpec:
+    """PartitionSpec of flattened [tokens, features] activations on `mesh`: tokens over the batch and
+    sequence axes together (where the [batch, seq] rows already are), features by their logical name."""
+    batch, seq, feat = mesh_spec(("act_batch", "act_seq", features), mesh)
+    axes = spec_axes(batch) + spec_axes(seq)
+    return PartitionSpec(axes or None, feat)
 
 
 def shard_activation(x: jax.Array, logical_axes: Sequence[Optional[str]], rules=None) -> jax.Array:
@@ -325,7 +335,7 @@ def axes_size(mesh, axes) -> int:
     `axis_size`, an axis the mesh lacks (and no mesh at all) counts 1."""
     if mesh is None or axes is None:
         return 1
-    return math.prod(axis_size(mesh, a) for a in ((axes,) if isinstance(axes, str) else axes))
+    return math.prod(axis_size(mesh, a) for a in spec_axes(axes))
 
 
 def axis_size(mesh, name: str) -> int:

@@ -117,9 +117,7 @@ def _shard_tokens(x: jax.Array, features: str) -> jax.Array:
     mesh = shd.active_mesh()
     if mesh is None:
         return x
-    batch, seq, feat = shd.mesh_spec(("act_batch", "act_seq", features), mesh)
-    axes = tuple(a for entry in (batch, seq) if entry for a in ((entry,) if isinstance(entry, str) else entry))
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes or None, feat))
+    return jax.lax.with_sharding_constraint(x, shd.token_spec(mesh, features))
 
 
 def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes: tuple, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:

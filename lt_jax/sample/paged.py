@@ -189,8 +189,7 @@ def _dividing(mesh, axes, n: int):
     """`axes` (a PartitionSpec entry) when their total size divides n, else None (replicated)."""
     if axes is None:
         return None
-    size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
-    return axes if n % size == 0 else None
+    return axes if n % shd.axes_size(mesh, axes) == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
