@@ -98,11 +98,16 @@ def prompt_seed(seed: int, prompt: int) -> int:
     return seed if prompt == 0 else derive_seed(seed, f"prompt{prompt}")
 
 
-def row_specs(params: SamplingParams, base_seed: int, stop_ids: Sequence[int]) -> list:
+def stop_ids(params: SamplingParams, eos: Sequence[int]) -> tuple[int, ...]:
+    """The token ids that end a row: the EOS ids (none with `ignore_eos`), then `stop_token_ids`."""
+    return tuple(dict.fromkeys((() if params.ignore_eos else tuple(eos)) + tuple(params.stop_token_ids)))
+
+
+def row_specs(params: SamplingParams, base_seed: int, ends: Sequence[int]) -> list:
     """The n samples of one prompt as sampler rows (sample j seeded row_seed(base_seed, j))."""
     return [smp.RowSpec(prompt=0, seed=smp.row_seed(base_seed, j), temperature=params.temperature,
                         top_p=params.top_p, top_k=params.top_k, max_new_tokens=params.max_new_tokens,
-                        stop_token_ids=tuple(stop_ids), stop=params.stop, logprobs=params.logprobs,
+                        stop_token_ids=tuple(ends), stop=params.stop, logprobs=params.logprobs,
                         min_p=params.min_p, min_tokens=params.min_tokens,
                         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                         repetition_penalty=params.repetition_penalty)
@@ -146,13 +151,12 @@ def generate(
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    eos = () if params.ignore_eos else tuple(eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer))
-    stop_ids = tuple(dict.fromkeys(eos + params.stop_token_ids))
-    base = _fresh_seed() if params.seed is None else params.seed
+    ends = stop_ids(params, eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer))
+    base = derive_seed(None) if params.seed is None else params.seed
     decode = make_decoder(tokenizer, params.skip_special_tokens)
     engine = engine or Engine(model, engine_config(config), mesh, decode)
     engine.decode = decode
-    specs = [row_specs(params, seeds[i] if seeds is not None else prompt_seed(base, i), stop_ids)
+    specs = [row_specs(params, seeds[i] if seeds is not None else prompt_seed(base, i), ends)
              for i in range(len(prompts))]
     for i, ((_, ids), rows) in enumerate(zip(encoded, specs)):
         try:
@@ -162,10 +166,6 @@ def generate(
     results = engine.run([ids for _, ids in encoded], specs)
     return [GenerationResult(text, tuple(ids), tuple(to_sample(decode, r) for r in res))
             for (text, ids), res in zip(encoded, results)]
-
-
-def _fresh_seed() -> int:
-    return derive_seed(None)
 
 
 def make_decoder(tokenizer, skip_special_tokens: bool):

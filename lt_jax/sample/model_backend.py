@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 from lt_jax.sample.backends import Choice, GenRequest, GenResult, StreamEvent
 from lt_jax.sample.engine import Engine
-from lt_jax.sample.generate import encode_prompt, engine_config, eos_token_ids, make_decoder, row_specs, to_sample
+from lt_jax.sample.generate import encode_prompt, engine_config, eos_token_ids, make_decoder, row_specs, stop_ids, to_sample
 from lt_jax.sampling import derive_seed
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,9 @@ class ModelBackend:
         params = req.params(min(self.max_new_tokens, room))
         if any(not 0 <= i < self.vocab_size for i in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids below the vocabulary size {self.vocab_size}")
-        stop_ids = tuple(dict.fromkeys((() if params.ignore_eos else self.eos_ids) + params.stop_token_ids))
         params = params.replace(min_tokens=min(params.min_tokens, params.max_new_tokens))
         base = derive_seed(None) if params.seed is None else params.seed
-        specs = tuple(row_specs(params, base, stop_ids))
+        specs = tuple(row_specs(params, base, stop_ids(params, self.eos_ids)))
         self.engine.check(ids, specs)
         return Prepared(tuple(ids), specs)
 
