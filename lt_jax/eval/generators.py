@@ -242,7 +242,7 @@ class SamplerGenerator:
             _, ids = gen.encode_prompt(self.tokenizer, prompt)
             base = seeds[i] if seeds is not None else gen.prompt_seed(params.seed, i)
             try:
-                waiting[engine.submit(ids, gen.row_specs(sp, base, eos))] = i
+                waiting[engine.submit(ids, gen.row_specs(sp, base, gen.stop_ids(sp, eos)))] = i
             except ValueError as e:  # this problem alone cannot run (too long): an error, not a crash
                 yield i, [Completion("", 0, "error", error=str(e))] * n
         while waiting:

@@ -108,3 +108,23 @@ def test_a_problem_too_long_for_the_context_gets_error_samples_not_a_crash(tiny_
     assert [c.finish_reason for c in out[1]] == ["error", "error"] and "context of 64" in out[1][0].error
     assert all(c.finish_reason in ("stop", "length") and c.num_tokens >= 1 for c in out[0] + out[2])
     assert [c.text for c in out[0]] == [c.text for c in out[2]]
+
+
+def test_the_model_generator_ends_rows_on_the_requests_stop_token_ids(tiny_hf):
+    """Eval's in-process generator ends rows on the same ids as `lt_jax.generate` (`stop_ids`): the
+    request's stop_token_ids too, not only EOS."""
+    from lt_jax.eval.generators import SamplerGenerator, SamplingConfig
+    from lt_jax.sample import generate as gen
+    from lt_jax.sample.engine import EngineConfig
+
+    model, tok = gen.load_model(hf=tiny_hf), gen.load_tokenizer(tiny_hf)
+    generator = SamplerGenerator(model, tok, "tiny", sampler_config=EngineConfig(num_slots=2, max_len=64))
+    prompt = [[{"role": "user", "content": "2+2?"}]]
+    free = generator.generate(prompt, 1, SamplingConfig(temperature=0.0, max_new_tokens=8))[0][0]
+    assert free.num_tokens >= 2
+    greedy = gen.generate(model, tok, prompt, gen.SamplingParams(temperature=0.0, max_new_tokens=8))[0].samples[0]
+    assert greedy.text == free.text
+    stopped = generator.generate(prompt, 1, SamplingConfig(temperature=0.0, max_new_tokens=8,
+                                                           stop_token_ids=(greedy.token_ids[0],)))[0][0]
+    assert stopped.finish_reason == "stop" and stopped.num_tokens <= 1
+    assert stopped.text == ""
