@@ -16,7 +16,7 @@ from typing import Any
 
 from lt_jax.data.formats import split_thinking
 from lt_jax.sample.backends import GenRequest
-from lt_jax.sampling import SamplingError
+from lt_jax.sampling import INT32_MAX, SamplingError
 
 REASONING_FORMATS = ("inline", "separate")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -27,7 +27,6 @@ _UNSUPPORTED = {
     "logit_bias": lambda v: bool(v), "audio": lambda v: v is not None,
     "response_format": lambda v: isinstance(v, dict) and v.get("type") not in (None, "text"),
 }
-_INT_MAX = 2**31 - 1  # device-side integers are int32
 
 
 class APIError(Exception):
@@ -96,10 +95,10 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
     for name, bad in _UNSUPPORTED.items():
         if bad(body.get(name)):
             raise APIError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    top_k = _integer(body, "top_k", -1, _INT_MAX)
-    max_tokens = _integer(body, "max_completion_tokens", 1, _INT_MAX)
+    top_k = _integer(body, "top_k", -1, INT32_MAX)
+    max_tokens = _integer(body, "max_completion_tokens", 1, INT32_MAX)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, _INT_MAX)
+        max_tokens = _integer(body, "max_tokens", 1, INT32_MAX)
     return dict(
         n=_integer(body, "n", 1, max_n) or 1,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -111,7 +110,7 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
         stop_token_ids=_token_ids(body, "stop_token_ids"),
         ignore_eos=_boolean(body, "ignore_eos"),
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        min_tokens=_integer(body, "min_tokens", 0, _INT_MAX) or 0,
+        min_tokens=_integer(body, "min_tokens", 0, INT32_MAX) or 0,
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf, lo_open=True),
@@ -121,7 +120,7 @@ def _sampling(body: dict, max_n: int) -> dict[str, Any]:
 def _token_ids(body: dict, name: str) -> tuple[int, ...]:
     value = body.get(name) or []
     if (not isinstance(value, list) or len(value) > 64
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= _INT_MAX for i in value)):
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= INT32_MAX for i in value)):
         raise APIError(f"'{name}' must be a list of at most 64 token ids (non-negative integers)", param=name,
                        code="invalid_value")
     return tuple(value)

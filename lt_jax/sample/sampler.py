@@ -44,6 +44,7 @@ from lt_jax.model import sharding as shd
 from lt_jax.model import transformer as tfm
 from lt_jax.sampling import derive_seed
 from lt_jax.sample.hosts import to_host
+from lt_jax.sample.penalties import penalized
 from lt_jax.sample.rows import NO_TOKEN, RowParams, finished, row_params
 from lt_jax.sample.detokenize import Decode, TextStream
 
@@ -403,8 +404,7 @@ class Sampler:
                 raise ValueError(f"sampler: row {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
             if r.stop and decode is None:
                 raise ValueError("sampler: stop strings need a decode function (a tokenizer)")
-            if (r.min_tokens or r.min_p or r.logprobs is not None or r.presence_penalty or r.frequency_penalty
-                    or r.repetition_penalty != 1):
+            if r.min_tokens or r.min_p or r.logprobs is not None or penalized(r):
                 raise ValueError(f"sampler: row {i}: min_tokens, min_p, logprobs and penalties need the engine "
                                  "(lt_jax.sample.engine), not the lockstep sampler")
         for i, p in enumerate(prompts):
